@@ -1,0 +1,41 @@
+# moelab: the two commands a new user needs are `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test lint format demo bench clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 numpy
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+test: setup lint
+	$(BIN)/python -m pytest tests
+
+demo: setup
+	$(BIN)/moelab params configs/olmoe-1b-7b.yaml
+	$(BIN)/python -m moelab.demo
+
+bench: setup
+	$(BIN)/python benchmarks/moe_layer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

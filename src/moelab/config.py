@@ -1,0 +1,275 @@
+"""Typed configuration: dataclasses, YAML loading, `--set a.b=c` overrides, validation.
+
+A config file is YAML with one section per dataclass below (`model`, `moe`, ...). Every value is
+checked against its field's type; unknown keys are refused with a did-you-mean; `validate()` checks
+relations between fields. Errors are `ConfigError`s whose message names the field, the bad value and
+what is allowed, so the CLI can print them as one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from moelab.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the transformer. Defaults are OLMoE-1B-7B-0924."""
+
+    arch: str = "olmoe"  # a registered architecture name (moelab.models) or a path to a model .py file
+    vocab_size: int = 50304
+    d_model: int = 2048
+    n_layers: int = 16  # MoE layers (after the dense ones)
+    n_dense_layers: int = 0  # dense SwiGLU layers placed first
+    d_dense: int = 0  # hidden width of the dense layers' MLP
+    n_heads: int = 16
+    d_expert: int = 1024  # hidden width of one routed (and one shared) expert
+    n_experts: int = 64
+    top_k: int = 8
+    n_shared_experts: int = 0  # experts applied to every token, weight 1
+    norm_topk_prob: bool = False  # renormalise the k mixing weights to sum to 1
+    qk_norm: bool = True  # RMSNorm over the full q/k projections, before the head split
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_seq_len: int = 4096
+    pad_token_id: int = 1
+    eos_token_id: int = 50279
+    init_std: float = 0.02
+    init: Literal["normal", "truncated_normal"] = "normal"  # truncated at ±3 std
+    attention: Literal["sdpa", "eager"] = "sdpa"  # eager is the readable reference
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_total_layers(self) -> int:
+        return self.n_dense_layers + self.n_layers
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_expert", "n_experts", "top_k")
+        _positive(self, "max_seq_len", "rope_theta", "rms_norm_eps", "init_std")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                f"choose n_heads among the divisors of d_model"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.d_model/n_heads={self.head_dim} must be even for rotary embeddings")
+        if self.top_k > self.n_experts:
+            raise ConfigError(
+                f"model.top_k={self.top_k} is larger than model.n_experts={self.n_experts}; "
+                f"top_k must be between 1 and n_experts"
+            )
+        if self.n_dense_layers < 0 or self.n_shared_experts < 0:
+            raise ConfigError("model.n_dense_layers and model.n_shared_experts must be >= 0")
+        if self.n_dense_layers > 0 and self.d_dense <= 0:
+            raise ConfigError(
+                f"model.n_dense_layers={self.n_dense_layers} needs model.d_dense > 0 (got {self.d_dense})"
+            )
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"model.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+
+
+@dataclass
+class MoEConfig:
+    """Routing, dispatch and balancing: shared by every architecture."""
+
+    dispatch: Literal["loop", "sorted", "grouped"] = "grouped"  # grouped falls back to sorted where unusable
+    load_balance: Literal["per_layer", "hf_concat", "none"] = "per_layer"
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    lflb: bool = False  # loss-free balancing: a per-expert bias on the selection scores
+    lflb_rate: float = 0.001  # the bias moves by ±rate per optimizer step
+    lflb_bias_on: Literal["scores", "logits"] = "scores"  # softmax scores, or pre-softmax logits
+    lflb_bias_clamp: float = 1.0  # |bias| bound, applied only with lflb_bias_on=logits
+
+    def validate(self) -> None:
+        for name in ("load_balance_coef", "z_loss_coef", "lflb_rate", "lflb_bias_clamp"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass
+class Config:
+    """A whole experiment. Sections are added here as moelab grows (train, data, ...)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(source: str | Path | dict | Config | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML path, a dict or a Config, with `a.b=c` overrides applied, validated."""
+    if isinstance(source, Config):
+        data = to_dict(source)
+    elif isinstance(source, dict):
+        data = source
+    elif source is None:
+        data = {}
+    else:
+        data = read_yaml(Path(source))
+    data = apply_overrides(data, overrides)
+    return from_dict(Config, data).validate()
+
+
+def read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, moe:, ...)")
+    return data
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings to a nested dict (values are typed later, by from_dict)."""
+    data = _deepcopy(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.top_k=2)")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = _parse_scalar(value.strip())
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    return data
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a dict, checking keys and value types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, f"{name}.")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}={value!r} has the wrong type")
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}={value!r} must be a list")
+        return origin(_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} must be a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}={value!r} must be a string")
+    return value
+
+
+def _positive(section: Any, *names: str) -> None:
+    prefix = {ModelConfig: "model", MoEConfig: "moe"}.get(type(section), type(section).__name__)
+    for name in names:
+        value = getattr(section, name)
+        if not value > 0:
+            raise ConfigError(f"{prefix}.{name}={value!r} must be > 0")

@@ -1,0 +1,53 @@
+"""Balancing losses computed from the *unbiased* router logits; padding tokens are excluded.
+
+load_balance_loss, two conventions (both are Switch-Transformer style: E · Σ_e f_e · P_e):
+  per_layer  f_e = share of the layer's top-k assignments going to e, P_e = mean router prob of e;
+             one loss per MoE layer, averaged over layers. Perfect balance = 1 (OLMoE's training).
+  hf_concat  transformers' `load_balancing_loss_func`: all layers concatenated, f_e = assignments of e
+             per token (not divided by k). Perfect balance ≈ top_k.
+router_z_loss: mean over tokens of logsumexp(logits)², averaged over layers.
+The top-k used for f is re-derived from the unbiased logits, so the bias of loss-free balancing
+does not enter these losses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelab.moe.routing import expert_counts
+
+
+def _valid_weights(n_tokens: int, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if valid is None:
+        return torch.ones(n_tokens, device=device)
+    return valid.reshape(-1).to(device=device, dtype=torch.float32)  # (T,)
+
+
+def load_balance_loss(
+    router_logits: list[torch.Tensor], top_k: int, valid: torch.Tensor | None = None, kind: str = "per_layer"
+) -> torch.Tensor:
+    """router_logits: one (T, E) tensor per MoE layer; valid: (T,) mask of real tokens or None."""
+    n_experts = router_logits[0].shape[-1]
+    w = _valid_weights(router_logits[0].shape[0], valid, router_logits[0].device)
+    n_valid = w.sum().clamp(min=1)
+    f_all, p_all = [], []
+    for logits in router_logits:
+        probs = logits.float().softmax(dim=-1)  # (T, E)
+        topk_ids = torch.topk(probs, top_k, dim=-1).indices  # (T, k)
+        f_all.append(expert_counts(topk_ids, n_experts, w))  # (E,) assignments
+        p_all.append((probs * w[:, None]).sum(dim=0))  # (E,) summed probabilities
+    f, p = torch.stack(f_all), torch.stack(p_all)  # (L, E)
+    if kind == "per_layer":
+        per_layer = n_experts * ((f / (n_valid * top_k)) * (p / n_valid)).sum(dim=-1)  # (L,)
+        return per_layer.mean()
+    if kind == "hf_concat":
+        rows = n_valid * len(router_logits)
+        return n_experts * ((f.sum(0) / rows) * (p.sum(0) / rows)).sum()
+    raise ValueError(f"unknown load-balance convention {kind!r}")
+
+
+def router_z_loss(router_logits: list[torch.Tensor], valid: torch.Tensor | None = None) -> torch.Tensor:
+    w = _valid_weights(router_logits[0].shape[0], valid, router_logits[0].device)
+    n_valid = w.sum().clamp(min=1)
+    per_layer = [(torch.logsumexp(lg.float(), dim=-1).square() * w).sum() / n_valid for lg in router_logits]
+    return torch.stack(per_layer).mean()
