@@ -1,9 +1,9 @@
 """moelab: build, train and analyse interpretable Mixture-of-Experts language models.
 
-    import moelab
-    model = moelab.build(moelab.load_config("configs/tiny-cpu.yaml"))
-    model = moelab.load("runs/demo")          # a checkpoint dir or a run dir
-    out = model(input_ids, labels=targets)    # out.logits, out.loss, out.losses, out.routing
+import moelab
+model = moelab.build(moelab.load_config("configs/tiny-cpu.yaml"))
+model = moelab.load("runs/demo")          # a checkpoint dir or a run dir
+out = model(input_ids, labels=targets)    # out.logits, out.loss, out.losses, out.routing
 """
 
 from moelab.checkpoint import load, save_checkpoint

@@ -208,7 +208,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+            raise ConfigError(
+                f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
+            )
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -35,7 +35,9 @@ class MoEOutput:
 
     logits: torch.Tensor  # (B, N, V)
     loss: torch.Tensor | None = None  # total training loss, when labels are given
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # named scalar terms (ce, load_balance, ...)
+    losses: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # named scalar terms (ce, load_balance, ...)
     routing: list[RoutingInfo] = field(default_factory=list)  # one per MoE layer
     expert_counts: torch.Tensor | None = None  # (L, E) tokens per expert, padding excluded
 
@@ -123,7 +125,9 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x))  # (B, N, D): QK-norm over the full width, before the head split
         k = self.k_norm(self.k_proj(x))
         v = self.v_proj(x)
-        q, k, v = (t.view(B, N, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, N, Dh)
+        q, k, v = (
+            t.view(B, N, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)
+        )  # (B, H, N, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, n_k, Dh)
@@ -189,7 +193,12 @@ class MoE(nn.Module):
         flat = x.reshape(B * N, D)  # (T, D)
         routing = self.router(flat)
         y = run_experts(
-            flat, routing.topk_ids, routing.topk_weights, self.experts.gate_up, self.experts.down, self.dispatch
+            flat,
+            routing.topk_ids,
+            routing.topk_weights,
+            self.experts.gate_up,
+            self.experts.down,
+            self.dispatch,
         )
         if self.shared is not None:
             y = y + self.shared(flat)

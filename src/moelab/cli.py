@@ -1,0 +1,168 @@
+"""The `moelab` command. Library code raises MoelabError; this module turns it into one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from moelab.errors import MoelabError
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add(sub, name: str, help: str, example: str, **kw) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with an example."""
+    return sub.add_parser(
+        name, help=help, description=help, epilog=f"example:\n  {example}", formatter_class=_Formatter, **kw
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelab",
+        description="Build, train and analyse interpretable Mixture-of-Experts language models.",
+        epilog="examples:\n  moelab params configs/olmoe-1b-7b.yaml\n  moelab data corpus --out data/corpus",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = _add(sub, "params", "Print total and active parameter counts of a config.",
+             "moelab params configs/olmoe-1b-7b.yaml --json")  # fmt: skip
+    p.add_argument("config", help="config YAML (or a checkpoint/run dir holding config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print {'total': ..., 'active': ...}")
+    p.set_defaults(func=cmd_params)
+
+    p = _add(sub, "convert", "Convert OLMoE checkpoints between moelab and transformers.",
+             "moelab convert from-hf path/to/OLMoE-1B-7B-0924 --out ckpt/olmoe")  # fmt: skip
+    conv = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    c = _add(conv, "from-hf", "transformers OLMoE folder -> moelab checkpoint.",
+             "moelab convert from-hf hf/olmoe --out ckpt/olmoe")  # fmt: skip
+    c.add_argument("hf_dir")
+    c.add_argument("--out", required=True, help="checkpoint directory to write")
+    c.set_defaults(func=cmd_convert_from_hf)
+    c = _add(conv, "to-hf", "moelab checkpoint -> folder that OlmoeForCausalLM.from_pretrained loads.",
+             "moelab convert to-hf ckpt/olmoe --out hf/olmoe")  # fmt: skip
+    c.add_argument("checkpoint")
+    c.add_argument("--out", required=True, help="transformers folder to write")
+    c.add_argument("--layout", choices=["fused", "per-expert"], default="fused",
+                   help="expert weights as transformers 5.x fused tensors (default) or 4.x per-expert modules")  # fmt: skip
+    c.set_defaults(func=cmd_convert_to_hf)
+
+    p = _add(sub, "generate", "Generate text (or token ids) from a checkpoint with a KV cache.",
+             'moelab generate runs/demo --prompt "To be, or not" --max-new-tokens 40')  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="prompt text (needs a tokenizer saved with the checkpoint)")
+    group.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print {'ids': [...], 'text': ...}")
+    p.set_defaults(func=cmd_generate)
+
+    from moelab.data.cli import add_commands as add_data_commands
+
+    add_data_commands(sub, _add)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args) or 0
+    except MoelabError as e:
+        print(f"moelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moelab: interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_params(args) -> None:
+    import torch
+
+    from moelab.config import load_config
+    from moelab.models import build
+
+    config = load_config(args.config, args.overrides)
+    with torch.device("meta"):  # no memory: OLMoE-1B-7B is counted without allocating it
+        counts = build(config, base_dir=Path(args.config).parent).count_parameters()
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        print(f"total:  {counts['total']:>15,}")
+        print(f"active: {counts['active']:>15,}  ({counts['active'] / counts['total']:.1%} per token)")
+
+
+def cmd_convert_from_hf(args) -> None:
+    from moelab.hf import convert_from_hf
+
+    out = convert_from_hf(args.hf_dir, args.out)
+    print(f"wrote moelab checkpoint {out}")
+
+
+def cmd_convert_to_hf(args) -> None:
+    from moelab.hf import convert_to_hf
+
+    out = convert_to_hf(args.checkpoint, args.out, layout=args.layout)
+    print(f"wrote transformers folder {out} (load with OlmoeForCausalLM.from_pretrained)")
+
+
+def cmd_generate(args) -> None:
+    from moelab.checkpoint import load, resolve_checkpoint
+    from moelab.generate import generate
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model = load(ckpt)
+    tokenizer = None
+    if args.prompt is not None:
+        tok_file = ckpt / "tokenizer.json"
+        if not tok_file.is_file():
+            raise MoelabError(f"{ckpt} has no tokenizer.json; pass --prompt-ids 1,2,3 instead of --prompt")
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok_file))
+        prompt = tokenizer.encode(args.prompt).ids
+    else:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise MoelabError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers") from None
+    if not prompt:
+        raise MoelabError("the prompt is empty")
+    vocab = model.config.model.vocab_size
+    if any(not 0 <= t < vocab for t in prompt):
+        raise MoelabError(f"prompt ids must be in [0, {vocab})")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise MoelabError("--temperature must be >= 0 and --top-p in (0, 1]")
+    ids = generate(
+        model,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=model.config.model.eos_token_id,
+    )
+    text = tokenizer.decode(prompt + ids) if tokenizer else None
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text}))
+    else:
+        print(text if text is not None else ",".join(map(str, prompt + ids)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
