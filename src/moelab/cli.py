@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint")
     c.add_argument("--out", required=True, help="transformers folder to write")
     c.add_argument("--layout", choices=["fused", "per-expert"], default="fused",
-                   help="expert weights as transformers 5.x fused tensors (default) or 4.x per-expert modules")  # fmt: skip
+                   help="5.x fused expert tensors (default) or 4.x per-expert modules")  # fmt: skip
     c.set_defaults(func=cmd_convert_to_hf)
 
     p = _add(sub, "generate", "Generate text (or token ids) from a checkpoint with a KV cache.",
