@@ -31,7 +31,6 @@ test: setup lint
 	$(BIN)/python -m pytest tests
 
 demo: setup
-	$(BIN)/moelab params configs/olmoe-1b-7b.yaml
 	$(BIN)/python -m moelab.demo
 
 bench: setup

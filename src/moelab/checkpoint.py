@@ -1,14 +1,14 @@
-"""Model checkpoints: a directory with model.safetensors + config.yaml (training state comes later).
+"""Model checkpoints: a directory with model.safetensors + config.yaml (+ tokenizer.json, model.py).
 
 Writes go to a temporary directory that is renamed only when complete, so nothing half-written
-looks like a valid checkpoint.
+looks like a valid checkpoint. A model defined by a user's model file (an experiment) carries a
+copy of that file, so the checkpoint loads anywhere.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,28 +16,33 @@ from safetensors.torch import load_file, save_file
 
 from moelab.config import Config, load_config, save_config
 from moelab.errors import MoelabError
-from moelab.models import build
+from moelab.io import atomic_dir
+from moelab.models import ARCHITECTURES, build, model_module
 
-WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
+WEIGHTS, CONFIG, TOKENIZER, MODEL_FILE = "model.safetensors", "config.yaml", "tokenizer.json", "model.py"
 
 
-def save_checkpoint(model: torch.nn.Module, out: str | Path, config: Config | None = None) -> Path:
+def write_model(directory: Path, model: torch.nn.Module, config: Config | None = None) -> None:
+    """Write weights, config (and the model file of a user architecture) into an existing directory."""
+    config = config or model.config
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "moelab": "1"})
+    if config.model.arch not in ARCHITECTURES:  # an experiment's own model file travels with it
+        source = Path(model_module(config.model.arch).__file__)
+        shutil.copyfile(source, directory / MODEL_FILE)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=MODEL_FILE))
+    save_config(config, directory / CONFIG)
+
+
+def save_checkpoint(
+    model: torch.nn.Module, out: str | Path, config: Config | None = None, tokenizer: Path | None = None
+) -> Path:
+    """Write a complete checkpoint directory atomically; `tokenizer` is a tokenizer.json to copy along."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "moelab": "1"})
-        save_config(config or model.config, tmp / CONFIG)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out) as tmp:
+        write_model(tmp, model, config)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
     return out
 
 
@@ -47,9 +52,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / WEIGHTS).is_file():
         return path
     latest = path / "checkpoints" / "latest"
-    if latest.exists():
-        target = latest.read_text().strip() if latest.is_file() else latest
-        return resolve_checkpoint(path / "checkpoints" / target)
+    if latest.is_file():
+        return resolve_checkpoint(path / "checkpoints" / latest.read_text().strip())
+    if not path.exists():
+        raise MoelabError(f"{path} does not exist")
     raise MoelabError(f"{path} is not a checkpoint (no {WEIGHTS}) nor a run directory with checkpoints")
 
 
@@ -61,6 +67,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
     config = load_config(ckpt / CONFIG, overrides)
     with torch.device("meta"):
         model = build(config, base_dir=ckpt)
+    load_weights(model, ckpt, device)
+    return model.to(device).eval()
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path, device="cpu") -> None:
+    """Load model.safetensors into `model` (may live on the meta device), refusing mismatches."""
     try:
         state = load_file(str(ckpt / WEIGHTS), device=str(device))
     except Exception as e:  # safetensors raises several types for corrupt files
@@ -68,10 +80,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise MoelabError(f"{ckpt} does not match its config.yaml: {first}") from None
+        lines = str(e).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise MoelabError(f"{ckpt} does not match its config.yaml: {detail}") from None
     _rebuild_non_persistent(model, device)
-    return model.to(device).eval()
 
 
 def _rebuild_non_persistent(model: torch.nn.Module, device) -> None:
@@ -79,7 +91,6 @@ def _rebuild_non_persistent(model: torch.nn.Module, device) -> None:
     for module in model.modules():
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta and name in module._non_persistent_buffers_set:
-                fresh = torch.empty_like(buf, device=device)
-                module.register_buffer(name, fresh, persistent=False)
+                module.register_buffer(name, torch.empty_like(buf, device=device), persistent=False)
     if hasattr(model, "init_non_persistent"):
         model.init_non_persistent()

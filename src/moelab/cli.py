@@ -68,6 +68,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {'ids': [...], 'text': ...}")
     p.set_defaults(func=cmd_generate)
 
+    p = _add(sub, "train", "Train a model from a config (YAML file or experiment directory).",
+             "moelab train configs/tiny-cpu.yaml --set train.steps=100 --out runs/try")  # fmt: skip
+    p.add_argument("config", help="config YAML, or an experiment directory made by `moelab new`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/CONFIG_NAME)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = _add(sub, "eval", "Evaluate a checkpoint: loss, perplexity, MaxVio, per-domain loss.",
+             "moelab eval runs/demo --data data/demo/tokens")  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--data", required=True, help="tokenized data directory")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batches", type=int, default=0, help="batches to evaluate (0 = the whole split)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=0, help="default: the checkpoint's data.seq_len")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = _add(sub, "new", "Create an experiment: an editable copy of a model file plus its config.",
+             "moelab new my-router --from olmoe && moelab train experiments/my-router")  # fmt: skip
+    p.add_argument("name")
+    p.add_argument("--from", dest="base", default="olmoe", help="architecture to copy (default: olmoe)")
+    p.add_argument("--config", default="configs/tiny-cpu.yaml", help="config to start from")
+    p.add_argument("--dir", default="experiments", help="parent directory (default: experiments)")
+    p.set_defaults(func=cmd_new)
+
     from moelab.data.cli import add_commands as add_data_commands
 
     add_data_commands(sub, _add)
@@ -162,6 +193,55 @@ def cmd_generate(args) -> None:
         print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text}))
     else:
         print(text if text is not None else ",".join(map(str, prompt + ids)))
+
+
+def cmd_train(args) -> None:
+    from moelab.train.trainer import prepare_run, train
+
+    config, run_dir = prepare_run(args.config, args.overrides, args.out, args.resume)
+    print(f"run directory: {run_dir}")
+    record = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    if record.get("stopped"):
+        print(f"stopped by {record['stopped']} at step {record['step']}; checkpoint {record['checkpoint']}")
+        print(f"resume with: moelab train {run_dir / 'config.yaml'} --out {run_dir} --resume")
+    else:
+        print(f"done: {run_dir} (metrics.jsonl, checkpoints/)")
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from moelab.checkpoint import load, resolve_checkpoint
+    from moelab.data.loader import TokenDataset
+    from moelab.train.evaluate import ValLoader, evaluate
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(ckpt, device=device)
+    dataset = TokenDataset(args.data, args.split)
+    tok = ckpt / "tokenizer.json"
+    if tok.is_file():
+        from moelab.data.tokenizer import load_tokenizer
+
+        dataset.check_tokenizer(load_tokenizer(tok).hash)
+    seq_len = args.seq_len or model.config.data.seq_len
+    seq_len = min(seq_len, dataset.n_tokens - 1)
+    result = evaluate(model, ValLoader(dataset, seq_len, args.batch_size), args.batches, device)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"checkpoint {ckpt}  data {args.data}:{args.split}  tokens {result['tokens']:,}")
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}")
+    print("MaxVio_global per layer: " + " ".join(f"{v:.3f}" for v in result["max_vio_global"]))
+    for name, value in result.get("domain_loss", {}).items():
+        print(f"  {name:<12} loss {value:.4f}")
+
+
+def cmd_new(args) -> None:
+    from moelab.experiments import new_experiment
+
+    out = new_experiment(args.name, args.base, Path(args.config), Path(args.dir))
+    print(f"created {out}/ (model.py, config.yaml). Edit model.py, then: moelab train {out}")
 
 
 if __name__ == "__main__":

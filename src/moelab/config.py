@@ -26,24 +26,24 @@ class ModelConfig:
     """Architecture of the transformer. Defaults are OLMoE-1B-7B-0924."""
 
     arch: str = "olmoe"  # a registered architecture name (moelab.models) or a path to a model .py file
-    vocab_size: int = 50304
-    d_model: int = 2048
+    vocab_size: int = 50304  # embedding rows (tokenizer vocab padded up)
+    d_model: int = 2048  # residual stream width
     n_layers: int = 16  # MoE layers (after the dense ones)
     n_dense_layers: int = 0  # dense SwiGLU layers placed first
     d_dense: int = 0  # hidden width of the dense layers' MLP
-    n_heads: int = 16
+    n_heads: int = 16  # attention heads (no GQA); head dim = d_model / n_heads
     d_expert: int = 1024  # hidden width of one routed (and one shared) expert
-    n_experts: int = 64
-    top_k: int = 8
+    n_experts: int = 64  # routed experts per MoE layer
+    top_k: int = 8  # routed experts per token
     n_shared_experts: int = 0  # experts applied to every token, weight 1
     norm_topk_prob: bool = False  # renormalise the k mixing weights to sum to 1
     qk_norm: bool = True  # RMSNorm over the full q/k projections, before the head split
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    max_seq_len: int = 4096
-    pad_token_id: int = 1
-    eos_token_id: int = 50279
-    init_std: float = 0.02
+    rope_theta: float = 10000.0  # rotary embedding base
+    rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm
+    max_seq_len: int = 4096  # longest sequence (bounds generation)
+    pad_token_id: int = 1  # its embedding row is zero at init
+    eos_token_id: int = 50279  # ends generation
+    init_std: float = 0.02  # std of the normal init of every matrix
     init: Literal["normal", "truncated_normal"] = "normal"  # truncated at ±3 std
     attention: Literal["sdpa", "eager"] = "sdpa"  # eager is the readable reference
 
@@ -87,9 +87,9 @@ class MoEConfig:
     """Routing, dispatch and balancing: shared by every architecture."""
 
     dispatch: Literal["loop", "sorted", "grouped"] = "grouped"  # grouped falls back to sorted where unusable
-    load_balance: Literal["per_layer", "hf_concat", "none"] = "per_layer"
-    load_balance_coef: float = 0.01
-    z_loss_coef: float = 0.001
+    load_balance: Literal["per_layer", "hf_concat", "none"] = "per_layer"  # convention (moe/losses.py)
+    load_balance_coef: float = 0.01  # weight of the load-balancing loss
+    z_loss_coef: float = 0.001  # weight of the router z-loss
     lflb: bool = False  # loss-free balancing: a per-expert bias on the selection scores
     lflb_rate: float = 0.001  # the bias moves by ±rate per optimizer step
     lflb_bias_on: Literal["scores", "logits"] = "scores"  # softmax scores, or pre-softmax logits
@@ -102,11 +102,69 @@ class MoEConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where training batches come from: a directory written by `moelab data tokenize`."""
+
+    path: str = "data/tokens"  # relative paths are taken from the working directory
+    seq_len: int = 4096  # tokens per training sequence
+    train_split: str = "train"  # split name in the tokenized directory
+    val_split: str = "val"  # skipped (with a warning) when the data has no such split
+
+    def validate(self) -> None:
+        _positive(self, "seq_len")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, logging and checkpointing of `moelab train`."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 4e-4  # peak learning rate
+    min_lr: float = 4e-5  # end of the cosine decay, held afterwards
+    warmup_steps: int = 100  # linear warmup from 0
+    decay_steps: int = 0  # cosine decay length after warmup (0 = until the last step), then hold min_lr
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.1  # AdamW, on matrices only
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "embed"])  # name parts without decay
+    clip_experts: float = 1.0  # gradient-norm clip of routed-expert parameters (0 = off)
+    clip_rest: float = 1.0  # gradient-norm clip of everything else, shared experts included (0 = off)
+    load_balance_decay_steps: int = 0  # >0: moe.load_balance_coef decays linearly to 0 over these steps
+    seed: int = 0  # one seed: init, data order, sampling
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model (costs 20-30 s to start)
+    activation_checkpointing: bool = False  # recompute block activations in backward
+    log_every: int = 1  # steps between metrics.jsonl lines
+    eval_every: int = 200  # steps between validations (0 = only at the end)
+    eval_batches: int = 20  # validation batches (0 = the whole validation split)
+    save_every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 3  # checkpoints kept (the newest ones)
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    tensorboard: bool = False  # also log to RUN_DIR/tensorboard (pip install moelab[logging])
+    wandb: bool = False  # also log to W&B (WANDB_MODE=offline works without network)
+    wandb_project: str = "moelab"  # W&B project name
+
+    def validate(self) -> None:
+        _positive(self, "steps", "batch_size", "grad_accum", "lr", "keep_last", "max_nonfinite", "log_every")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} must be between 0 and train.lr={self.lr}")
+        for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass
 class Config:
-    """A whole experiment. Sections are added here as moelab grows (train, data, ...)."""
+    """A whole experiment: one section per dataclass above."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -270,8 +328,39 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def _positive(section: Any, *names: str) -> None:
-    prefix = {ModelConfig: "model", MoEConfig: "moe"}.get(type(section), type(section).__name__)
+    prefix = SECTION_NAMES.get(type(section), type(section).__name__)
     for name in names:
         value = getattr(section, name)
         if not value > 0:
             raise ConfigError(f"{prefix}.{name}={value!r} must be > 0")
+
+
+SECTION_NAMES = {ModelConfig: "model", MoEConfig: "moe", DataConfig: "data", TrainConfig: "train"}
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/TRAINING.md): every field with its type, default and comment.
+
+    Read from the dataclasses' own source, so the docs cannot drift (a test compares them).
+    """
+    import inspect
+    import re
+
+    lines = []
+    for cls, section in SECTION_NAMES.items():
+        lines += [f"### `{section}`", "", (cls.__doc__ or "").strip(), ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        comments = {}
+        for src_line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", src_line)
+            if m:
+                comments[m.group(1)] = (m.group(2) or "").strip()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = hints[f.name]
+            tp_name = " \\| ".join(map(str, typing.get_args(tp))) if typing.get_origin(tp) is Literal else tp
+            tp_name = getattr(tp_name, "__name__", str(tp_name)).replace("typing.", "")
+            lines.append(f"| `{section}.{f.name}` | {tp_name} | `{default}` | {comments.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)

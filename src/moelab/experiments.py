@@ -1,0 +1,33 @@
+"""`moelab new`: an experiment is a directory with an editable copy of a model file and its config.
+
+The config's `model.arch: model.py` points at the copy, so `moelab train experiments/NAME` trains the
+edited model with the shared trainer, data and analysis; checkpoints carry the file along.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from moelab.config import load_config, save_config
+from moelab.errors import MoelabError
+from moelab.models import ARCHITECTURES, model_module
+
+
+def new_experiment(name: str, base: str, config_path: Path, parent: Path) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise MoelabError(f"experiment name {name!r} must be letters, digits, '-', '_' or '.'")
+    if base not in ARCHITECTURES:
+        raise MoelabError(
+            f"--from {base!r} is not a known architecture; choose one of {', '.join(ARCHITECTURES)}"
+        )
+    out = parent / name
+    if out.exists():
+        raise MoelabError(f"{out} already exists; choose another name or delete it")
+    config = load_config(config_path if config_path.is_file() else None)
+    config.model.arch = "model.py"
+    out.mkdir(parents=True)
+    shutil.copyfile(model_module(base).__file__, out / "model.py")
+    save_config(config, out / "config.yaml")
+    return out

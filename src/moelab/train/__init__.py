@@ -1,0 +1,1 @@
+"""Training: `moelab train` (trainer), optimizer and schedules, telemetry, checkpoints, evaluation."""

@@ -1,0 +1,98 @@
+"""Training checkpoints: RUN_DIR/checkpoints/step-NNNNNNN/ = a model checkpoint + train_state.pt.
+
+train_state.pt holds what exact resume needs: optimizer state, step, tokens seen, the loader's
+cursor and every RNG state. The balancing biases are buffers, so they are in model.safetensors.
+Directories are written atomically; `latest` is a small text file naming the newest one; only the
+newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moelab.checkpoint import TOKENIZER, WEIGHTS, load_weights, write_model
+from moelab.errors import MoelabError
+from moelab.io import atomic_dir, atomic_file
+
+STATE = "train_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    run_dir: Path, step: int, model, config, train_state: dict, tokenizer: Path | None, keep_last: int
+) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    out = ckpt_root / f"step-{step:07d}"
+    with atomic_dir(out) as tmp:
+        write_model(tmp, model, config)
+        if tokenizer is not None and tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        torch.save(train_state, tmp / STATE)
+    with atomic_file(ckpt_root / "latest") as fh:
+        fh.write(out.name + "\n")
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if pointer.is_file():
+        path = run_dir / "checkpoints" / pointer.read_text().strip()
+        if (path / STATE).is_file():
+            return path
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_training_checkpoint(ckpt: Path, model, device) -> dict:
+    """Load weights into `model` and return the training state; refuse corrupt/incompatible ones."""
+    if not (ckpt / WEIGHTS).is_file() or not (ckpt / STATE).is_file():
+        raise MoelabError(f"checkpoint {ckpt} is incomplete (needs {WEIGHTS} and {STATE})")
+    load_weights(model, ckpt, device)
+    try:
+        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MoelabError(
+            f"{ckpt / STATE} could not be read ({type(e).__name__}); the checkpoint is corrupt"
+        ) from None
+    missing = {"step", "optimizer", "loader", "rng"} - set(state)
+    if missing:
+        raise MoelabError(f"{ckpt / STATE} lacks {sorted(missing)}; it was not written by moelab train")
+    return state

@@ -1,0 +1,93 @@
+"""Validation: loss, perplexity, MaxVio over the whole evaluated set, per-domain loss.
+
+Used by the trainer every `eval_every` steps and by `moelab eval`. The same windows are evaluated
+every time (a fresh loader with a fixed seed), so validation curves compare like with like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moelab.data.loader import PackedLoader, TokenDataset
+from moelab.errors import MoelabError
+from moelab.train.telemetry import max_violation
+
+log = logging.getLogger(__name__)
+
+
+class ValLoader:
+    """Recreates the same validation batches on every call (fixed seed, from the start)."""
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0):
+        self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
+
+    def batches(self, max_batches: int):
+        loader = PackedLoader(
+            self.dataset, self.seq_len, self.batch_size, seed=self.seed, return_doc_ids=True
+        )
+        n = loader.batches_per_epoch
+        if max_batches:
+            n = min(n, max_batches)
+        it = iter(loader)
+        for _ in range(n):
+            yield next(it)
+
+    @property
+    def domain_names(self) -> list[str]:
+        return list(self.dataset.domain_names)
+
+
+def make_val_loader(config) -> ValLoader | None:
+    dc, tc = config.data, config.train
+    try:
+        dataset = TokenDataset(dc.path, dc.val_split)
+    except MoelabError as e:
+        log.warning("no validation data (%s); validation is skipped", e)
+        return None
+    seq_len = min(dc.seq_len, max(1, dataset.n_tokens - 1))
+    return ValLoader(dataset, seq_len, tc.batch_size, seed=tc.seed)
+
+
+@torch.no_grad()
+def evaluate(model, val: ValLoader, max_batches: int, device, autocast=None) -> dict:
+    """Mean token loss, perplexity, MaxVio_global per MoE layer, and loss per domain."""
+    model.eval()
+    n_domains = len(val.domain_names)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_tok = torch.zeros((), dtype=torch.float64, device=device)
+    dom_sum = torch.zeros(max(n_domains, 1), dtype=torch.float64, device=device)
+    dom_n = torch.zeros_like(dom_sum)
+    counts = None
+    for batch in val.batches(max_batches):
+        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        with autocast or contextlib.nullcontext():
+            out = model(input_ids)
+        token_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.reshape(-1), reduction="none")
+        loss_sum += token_loss.sum()
+        n_tok += token_loss.numel()
+        counts = out.expert_counts if counts is None else counts + out.expert_counts
+        if n_domains and "domains" in batch:
+            dom = batch["domains"].to(device).reshape(-1)
+            known = dom >= 0
+            dom_sum.scatter_add_(0, dom.clamp(min=0), token_loss.double() * known)
+            dom_n.scatter_add_(0, dom.clamp(min=0), known.double())
+    if counts is None:
+        raise MoelabError(
+            "the validation split is smaller than one batch; lower train.batch_size or data.seq_len"
+        )
+    loss = (loss_sum / n_tok).item()
+    result = {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "tokens": int(n_tok.item()),
+        "max_vio_global": max_violation(counts).tolist(),
+    }
+    if n_domains:
+        per, seen = (dom_sum / dom_n.clamp(min=1)).tolist(), dom_n.tolist()
+        result["domain_loss"] = {name: per[i] for i, name in enumerate(val.domain_names) if seen[i] > 0}
+    return result

@@ -1,0 +1,40 @@
+"""Cheap per-step routing statistics, computed on device and read back in one transfer.
+
+Per MoE layer: expert token counts, MaxVio = max(load)/mean(load) − 1, mean router entropy (nats)
+over real tokens, and the range of the loss-free balancing bias.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelab.moe.routing import RoutingInfo
+
+
+def max_violation(counts: torch.Tensor) -> torch.Tensor:
+    """counts: (L, E) -> (L,) max(load)/mean(load) − 1 (0 = perfectly balanced)."""
+    counts = counts.float()
+    return counts.max(dim=-1).values / counts.mean(dim=-1).clamp(min=1e-9) - 1.0
+
+
+def router_entropy(routing: list[RoutingInfo], valid: torch.Tensor | None) -> torch.Tensor:
+    """(L,) mean per-token entropy of the (unbiased) router distribution, padding excluded."""
+    out = []
+    for r in routing:
+        logp = r.router_logits.detach().float().log_softmax(dim=-1)  # (T, E)
+        h = -(logp.exp() * logp).sum(dim=-1)  # (T,)
+        if valid is None:
+            out.append(h.mean())
+        else:
+            w = valid.reshape(-1).float()
+            out.append((h * w).sum() / w.sum().clamp(min=1))
+    return torch.stack(out)
+
+
+def balance_bias_range(model: torch.nn.Module) -> torch.Tensor:
+    """(L, 2) min and max of each MoE layer's balancing bias."""
+    biases = [m.balance_bias for m in model.modules() if hasattr(m, "balance_bias")]
+    if not biases:
+        return torch.zeros(0, 2)
+    b = torch.stack([x.detach().float() for x in biases])
+    return torch.stack([b.min(dim=-1).values, b.max(dim=-1).values], dim=-1)

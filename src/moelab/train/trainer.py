@@ -1,0 +1,282 @@
+"""`moelab train`: the training loop, with exact resume, telemetry and clean interruption.
+
+One optimizer step = `grad_accum` micro-batches. After the step, the loss-free balancing biases
+move from the expert counts summed over those micro-batches (padding excluded). All per-step
+numbers are gathered on device and read back in one transfer, so telemetry costs no per-expert
+host syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.config import Config, load_config, save_config
+from moelab.data.loader import PackedLoader, TokenDataset
+from moelab.errors import MoelabError
+from moelab.models import build
+from moelab.train.checkpoint import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from moelab.train.evaluate import evaluate, make_val_loader
+from moelab.train.loggers import Loggers
+from moelab.train.optim import build_optimizer, clip_grad_groups, load_balance_coef_at, lr_at
+from moelab.train.telemetry import balance_bias_range, max_violation, router_entropy
+
+log = logging.getLogger(__name__)
+
+# Peak dense bf16 tensor throughput used for MFU, by GPU name fragment (FLOP/s).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12}
+
+
+def resolve_device(tc) -> torch.device:
+    if tc.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tc.device == "cuda" and not torch.cuda.is_available():
+        raise MoelabError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    return torch.device(tc.device)
+
+
+def autocast_for(tc, device: torch.device):
+    """bf16 autocast on GPU (auto or bf16); fp32 otherwise."""
+    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class StopRequest:
+    signal_name: str | None = None
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step."""
+
+    def __init__(self):
+        self.stop = StopRequest()
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self.stop
+
+    def _handle(self, signum, frame):
+        if self.stop.signal_name is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stop.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def prepare_run(config_path: str | Path, overrides: list[str], out: Path | None, resume: bool):
+    """The run directory and its config. On --resume, the run's saved config (plus overrides) wins."""
+    config_path = Path(config_path)
+    config_dir = config_path if config_path.is_dir() else config_path.parent
+    if out is None:
+        out = Path("runs") / (config_path.name if config_path.is_dir() else config_path.stem)
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise MoelabError(f"--resume: {out} has no config.yaml; start the run without --resume first")
+        config = load_config(saved, overrides)
+    else:
+        config = load_config(config_path, overrides)
+        if latest_checkpoint(out) is not None:
+            raise MoelabError(f"{out} already holds checkpoints; pass --resume to continue or --out NEW_DIR")
+    arch = Path(config.model.arch)
+    if arch.suffix == ".py" and not arch.is_absolute() and not resume:
+        config.model.arch = str((config_dir / arch).resolve())  # an experiment's model file
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
+    return config, out
+
+
+def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train; return the final metrics record. Stops early (after saving) on SIGINT/SIGTERM."""
+    tc, dc = config.train, config.data
+    device = resolve_device(tc)
+    torch.manual_seed(tc.seed)
+
+    train_data = TokenDataset(dc.path, dc.train_split)
+    tokenizer_file = Path(dc.path) / "tokenizer.json"
+    if train_data.vocab_size > config.model.vocab_size:
+        raise MoelabError(
+            f"{dc.path} was tokenized with vocab {train_data.vocab_size} > model.vocab_size "
+            f"{config.model.vocab_size}; set model.vocab_size >= {train_data.vocab_size}"
+        )
+    loader = PackedLoader(train_data, dc.seq_len, tc.batch_size, seed=tc.seed)
+    val_loader = make_val_loader(config)
+
+    model = build(config).to(device)
+    if tc.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = True
+    optimizer = build_optimizer(model, tc, device)
+    step, tokens_seen, nonfinite_streak = 0, 0, 0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise MoelabError(f"--resume: no checkpoint in {run_dir}/checkpoints")
+        state = load_training_checkpoint(ckpt, model, device)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        nonfinite_streak = state.get("nonfinite_streak", 0)
+        log.info("resumed from %s at step %d", ckpt, step)
+    forward = torch.compile(model) if tc.compile else model
+    loggers = Loggers(run_dir, config, resume_step=step if resume else None)
+    counts = model.count_parameters()
+    peak = next(
+        (v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0
+    )
+    flops_per_token = (
+        6 * counts["active"] + 12 * config.model.n_total_layers * config.model.d_model * dc.seq_len
+    )
+
+    def checkpoint(at_step: int) -> Path:
+        state = {
+            "step": at_step,
+            "tokens_seen": tokens_seen,
+            "optimizer": optimizer.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": rng_state(),
+            "nonfinite_streak": nonfinite_streak,
+        }
+        return save_training_checkpoint(run_dir, at_step, model, config, state, tokenizer_file, tc.keep_last)
+
+    bar = _progress(tc.steps, step, progress)
+    record: dict = {}
+    model.train()
+    with _SignalGuard() as stop:
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            lb_coef = load_balance_coef_at(step, config.moe.load_balance_coef, tc.load_balance_decay_steps)
+            sums, step_counts, n_tokens, routing, valid = None, None, 0, None, None
+            for _ in range(tc.grad_accum):
+                batch = next(loader)
+                input_ids = batch["input_ids"].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True)
+                with autocast_for(tc, device):
+                    out = forward(input_ids, labels=labels)
+                loss = out.loss
+                if (
+                    "load_balance" in out.losses
+                ):  # the model adds coef·lb at the config's coef; use the schedule's
+                    loss = loss + (lb_coef - config.moe.load_balance_coef) * out.losses["load_balance"]
+                (loss / tc.grad_accum).backward()
+                terms = torch.stack([loss.detach(), *(v.detach().float() for v in out.losses.values())])
+                sums = terms if sums is None else sums + terms
+                c = out.expert_counts.detach()
+                step_counts = c if step_counts is None else step_counts + c
+                n_tokens += labels.numel()
+                routing = out.routing
+            grad_norms = clip_grad_groups(model, tc.clip_experts, tc.clip_rest)
+            finite = torch.isfinite(sums).all() & torch.isfinite(grad_norms).all()
+            # one host transfer for everything this step reports
+            layer_stats = torch.stack([max_violation(step_counts), router_entropy(routing, valid)], dim=-1)
+            packed = torch.cat([sums / tc.grad_accum, grad_norms, finite.float()[None]]).tolist()
+            finite = packed[-1] == 1.0
+            if finite:
+                optimizer.step()
+                model.update_balance_biases(step_counts)
+                nonfinite_streak = 0
+            else:
+                nonfinite_streak += 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += n_tokens
+            dt = time.perf_counter() - t0
+            if not finite:
+                loggers.log(
+                    {"type": "nonfinite", "step": step, "loss": packed[0], "streak": nonfinite_streak}
+                )
+                log.warning(
+                    "step %d: non-finite loss or gradient; step skipped (%d in a row)", step, nonfinite_streak
+                )
+                if nonfinite_streak >= tc.max_nonfinite:
+                    last = latest_checkpoint(run_dir)
+                    loggers.close()
+                    raise MoelabError(
+                        f"{nonfinite_streak} non-finite steps in a row at step {step}; stopped. Last good "
+                        f"checkpoint: {last or 'none'}. Lower train.lr or check the data, then --resume"
+                    )
+            elif step % tc.log_every == 0 or step == tc.steps:
+                names = ["loss", *out.losses.keys()]
+                record = {"type": "train", "step": step, **dict(zip(names, packed[: len(names)]))}
+                record.update(
+                    lr=lr,
+                    load_balance_coef=lb_coef,
+                    grad_norm=packed[len(names)],
+                    grad_norm_experts=packed[len(names) + 1],
+                    grad_norm_rest=packed[len(names) + 2],
+                    tokens=tokens_seen,
+                    tokens_per_s=n_tokens / dt,
+                    step_time_s=dt,
+                )
+                stats = layer_stats.tolist()
+                record["layers"] = {
+                    "counts": step_counts.long().tolist(),
+                    "max_vio": [s[0] for s in stats],
+                    "router_entropy": [s[1] for s in stats],
+                    "bias_range": balance_bias_range(model).tolist(),
+                }
+                if device.type == "cuda":
+                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                    if peak:
+                        record["mfu"] = flops_per_token * n_tokens / dt / peak
+                loggers.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{packed[0]:.3f}", tok_s=f"{n_tokens / dt:,.0f}", refresh=False)
+
+            last_step = step == tc.steps
+            if val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last_step):
+                val = evaluate(model, val_loader, tc.eval_batches, device, autocast_for(tc, device))
+                model.train()
+                loggers.log({"type": "val", "step": step, **val})
+                bar.write(f"step {step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.1f})")
+            if (tc.save_every and step % tc.save_every == 0) or last_step or stop.signal_name:
+                path = checkpoint(step)
+                if stop.signal_name:
+                    bar.close()
+                    loggers.close()
+                    log.warning(
+                        "%s received: saved %s. Resume with: moelab train %s --out %s --resume",
+                        stop.signal_name,
+                        path,
+                        run_dir / "config.yaml",
+                        run_dir,
+                    )
+                    return {"stopped": stop.signal_name, "step": step, "checkpoint": str(path)}
+    bar.close()
+    loggers.close()
+    return record
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=start, desc="train", unit="step", disable=not enabled, dynamic_ncols=True
+    )
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
