@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from moelab.config import Config, load_config, save_config
 from moelab.errors import MoelabError
 from moelab.io import atomic_dir
-from moelab.models import ARCHITECTURES, build, model_module
+from moelab.models import ARCHITECTURES, build
 
 WEIGHTS, CONFIG, TOKENIZER, MODEL_FILE = "model.safetensors", "config.yaml", "tokenizer.json", "model.py"
 
@@ -28,7 +29,7 @@ def write_model(directory: Path, model: torch.nn.Module, config: Config | None =
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "moelab": "1"})
     if config.model.arch not in ARCHITECTURES:  # an experiment's own model file travels with it
-        source = Path(model_module(config.model.arch).__file__)
+        source = Path(sys.modules[type(model).__module__].__file__)  # the file the model was built from
         shutil.copyfile(source, directory / MODEL_FILE)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=MODEL_FILE))
     save_config(config, directory / CONFIG)
