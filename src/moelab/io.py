@@ -14,6 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_tree(path: Path) -> None:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
@@ -27,6 +33,7 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; finished outputs get the usual permissions
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -52,6 +59,7 @@ def atomic_file(out: str | Path, mode: str = "w", **open_kwargs) -> Iterator:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o666 & ~_umask())
     try:
         with open(tmp, mode, **open_kwargs) as fh:
             yield fh

@@ -1,0 +1,1 @@
+"""Everything between raw text and training batches: corpus, download, tokenizers, tokenize, loader."""
