@@ -20,8 +20,19 @@ def test_new_experiment_builds_from_its_own_copy_and_checkpoints_carry_it(tmp_pa
     assert edited != src
     (exp / "model.py").write_text(edited)
 
-    config = load_config(exp, ["model.vocab_size=64", "model.d_model=32", "model.n_heads=2", "model.n_layers=1",
-                               "model.d_expert=16", "model.n_experts=4", "model.top_k=1", "model.max_seq_len=16"])  # fmt: skip
+    config = load_config(
+        exp,
+        [
+            "model.vocab_size=64",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.n_layers=1",
+            "model.d_expert=16",
+            "model.n_experts=4",
+            "model.top_k=1",
+            "model.max_seq_len=16",
+        ],
+    )
     torch.manual_seed(0)
     model = build(config, base_dir=exp).eval()
     base = moelab.build(load_config(config, ["model.arch=olmoe"])).eval()

@@ -32,31 +32,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = _add(sub, "params", "Print total and active parameter counts of a config.",
-             "moelab params configs/olmoe-1b-7b.yaml --json")  # fmt: skip
+    p = _add(
+        sub,
+        "params",
+        "Print total and active parameter counts of a config.",
+        "moelab params configs/olmoe-1b-7b.yaml --json",
+    )
     p.add_argument("config", help="config YAML (or a checkpoint/run dir holding config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print {'total': ..., 'active': ...}")
     p.set_defaults(func=cmd_params)
 
-    p = _add(sub, "convert", "Convert OLMoE checkpoints between moelab and transformers.",
-             "moelab convert from-hf path/to/OLMoE-1B-7B-0924 --out ckpt/olmoe")  # fmt: skip
+    p = _add(
+        sub,
+        "convert",
+        "Convert OLMoE checkpoints between moelab and transformers.",
+        "moelab convert from-hf path/to/OLMoE-1B-7B-0924 --out ckpt/olmoe",
+    )
     conv = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
-    c = _add(conv, "from-hf", "transformers OLMoE folder -> moelab checkpoint.",
-             "moelab convert from-hf hf/olmoe --out ckpt/olmoe")  # fmt: skip
+    c = _add(
+        conv,
+        "from-hf",
+        "transformers OLMoE folder -> moelab checkpoint.",
+        "moelab convert from-hf hf/olmoe --out ckpt/olmoe",
+    )
     c.add_argument("hf_dir")
     c.add_argument("--out", required=True, help="checkpoint directory to write")
     c.set_defaults(func=cmd_convert_from_hf)
-    c = _add(conv, "to-hf", "moelab checkpoint -> folder that OlmoeForCausalLM.from_pretrained loads.",
-             "moelab convert to-hf ckpt/olmoe --out hf/olmoe")  # fmt: skip
+    c = _add(
+        conv,
+        "to-hf",
+        "moelab checkpoint -> folder that OlmoeForCausalLM.from_pretrained loads.",
+        "moelab convert to-hf ckpt/olmoe --out hf/olmoe",
+    )
     c.add_argument("checkpoint")
     c.add_argument("--out", required=True, help="transformers folder to write")
-    c.add_argument("--layout", choices=["fused", "per-expert"], default="fused",
-                   help="5.x fused expert tensors (default) or 4.x per-expert modules")  # fmt: skip
+    c.add_argument(
+        "--layout",
+        choices=["fused", "per-expert"],
+        default="fused",
+        help="5.x fused expert tensors (default) or 4.x per-expert modules",
+    )
     c.set_defaults(func=cmd_convert_to_hf)
 
-    p = _add(sub, "generate", "Generate text (or token ids) from a checkpoint with a KV cache.",
-             'moelab generate runs/demo --prompt "To be, or not" --max-new-tokens 40')  # fmt: skip
+    p = _add(
+        sub,
+        "generate",
+        "Generate text (or token ids) from a checkpoint with a KV cache.",
+        'moelab generate runs/demo --prompt "To be, or not" --max-new-tokens 40',
+    )
     p.add_argument("checkpoint", help="checkpoint or run directory")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="prompt text (needs a tokenizer saved with the checkpoint)")
@@ -68,11 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {'ids': [...], 'text': ...}")
     p.set_defaults(func=cmd_generate)
 
-    p = _add(sub, "train", "Train a model from a config (YAML file or experiment directory).",
-             "moelab train configs/tiny-cpu.yaml --set train.steps=100 --out runs/try")  # fmt: skip
+    p = _add(
+        sub,
+        "train",
+        "Train a model from a config (YAML file or experiment directory).",
+        "moelab train configs/tiny-cpu.yaml --set train.steps=100 --out runs/try",
+    )
     p.add_argument("config", help="config YAML, or an experiment directory made by `moelab new`")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-3 (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/CONFIG_NAME)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
@@ -80,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = _add(sub, "eval", "Evaluate a checkpoint: loss, perplexity, MaxVio, per-domain loss.",
-             "moelab eval runs/demo --data data/demo/tokens")  # fmt: skip
+    p = _add(
+        sub,
+        "eval",
+        "Evaluate a checkpoint: loss, perplexity, MaxVio, per-domain loss.",
+        "moelab eval runs/demo --data data/demo/tokens",
+    )
     p.add_argument("checkpoint", help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="tokenized data directory")
     p.add_argument("--split", default="val")
@@ -91,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = _add(sub, "new", "Create an experiment: an editable copy of a model file plus its config.",
-             "moelab new my-router --from olmoe && moelab train experiments/my-router")  # fmt: skip
+    p = _add(
+        sub,
+        "new",
+        "Create an experiment: an editable copy of a model file plus its config.",
+        "moelab new my-router --from olmoe && moelab train experiments/my-router",
+    )
     p.add_argument("name")
     p.add_argument("--from", dest="base", default="olmoe", help="architecture to copy (default: olmoe)")
     p.add_argument("--config", default="configs/tiny-cpu.yaml", help="config to start from")

@@ -45,21 +45,55 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"train.steps={args.steps}"] if args.steps else []
     steps = load_config(CONFIG, overrides).train.steps
     corpus, tok, tokens = DATA / "corpus", DATA / "tokenizer", DATA / "tokens"
-    step("1/6 build the embedded multi-domain corpus", (corpus / "metadata.json").is_file(),
-         ["data", "corpus", "--out", str(corpus)])  # fmt: skip
+    step(
+        "1/6 build the embedded multi-domain corpus",
+        (corpus / "metadata.json").is_file(),
+        ["data", "corpus", "--out", str(corpus)],
+    )
     bpe = ["tokenizer", "train", str(corpus / "train.jsonl"), "--vocab-size", "8192", "--out", str(tok)]
     step("2/6 train an 8k byte-level BPE", (tok / "tokenizer.json").is_file(), bpe)
-    step("3/6 tokenize", (tokens / "metadata.json").is_file(),
-         ["data", "tokenize", str(corpus / "train.jsonl"), str(corpus / "val.jsonl"), "--tokenizer", str(tok),
-          "--out", str(tokens), "--workers", "2"])  # fmt: skip
+    step(
+        "3/6 tokenize",
+        (tokens / "metadata.json").is_file(),
+        [
+            "data",
+            "tokenize",
+            str(corpus / "train.jsonl"),
+            str(corpus / "val.jsonl"),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(tokens),
+            "--workers",
+            "2",
+        ],
+    )
     train_argv = ["train", str(CONFIG), "--out", str(RUN)] + [a for o in overrides for a in ("--set", o)]
     has_ckpt = (RUN / "checkpoints" / "latest").is_file()
-    step("4/6 train the tiny MoE (configs/tiny-cpu.yaml)", finished(RUN, steps),
-         train_argv + (["--resume"] if has_ckpt else []))  # fmt: skip
+    step(
+        "4/6 train the tiny MoE (configs/tiny-cpu.yaml)",
+        finished(RUN, steps),
+        train_argv + (["--resume"] if has_ckpt else []),
+    )
     step("5/6 evaluate on the validation split", False, ["eval", str(RUN), "--data", str(tokens)])
-    step("6/6 generate a sample", False,
-         ["generate", str(RUN), "--prompt", "KING HENRY:", "--max-new-tokens", "40", "--temperature", "0.8",
-          "--top-p", "0.9", "--seed", "1"])  # fmt: skip
+    step(
+        "6/6 generate a sample",
+        False,
+        [
+            "generate",
+            str(RUN),
+            "--prompt",
+            "KING HENRY:",
+            "--max-new-tokens",
+            "40",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "1",
+        ],
+    )
     baseline = unigram_baseline(tokens)
     print(f"\nunigram baseline on the validation split (context-free model): {baseline:.3f} nats/token")
     print(f"\ndone in {time.time() - start:.0f} s. Where things are:")

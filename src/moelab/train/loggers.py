@@ -74,8 +74,13 @@ class Loggers:
             from moelab.config import to_dict
 
             os.environ.setdefault("WANDB_DIR", str(run_dir))
-            self.wandb = wandb.init(project=tc.wandb_project, name=run_dir.name, config=to_dict(config),
-                                    resume="allow", id=run_dir.name)  # fmt: skip
+            self.wandb = wandb.init(
+                project=tc.wandb_project,
+                name=run_dir.name,
+                config=to_dict(config),
+                resume="allow",
+                id=run_dir.name,
+            )
 
     def log(self, record: dict) -> None:
         self.metrics.write(record)
