@@ -51,9 +51,11 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
 
 def experts_loop(x, topk_ids, topk_weights, gate_up, down):
     out = torch.zeros_like(x)
+    # unbind once: indexing gate_up[e] per expert makes backward build a full-size zero gradient each time
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
     for e in range(gate_up.shape[0]):
         token_idx, slot = torch.where(topk_ids == e)  # tokens routed to e, and in which of their k slots
-        y = swiglu(x[token_idx], gate_up[e], down[e])  # (n_e, D)
+        y = swiglu(x[token_idx], gate_ups[e], downs[e])  # (n_e, D)
         out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None])
     return out
 
@@ -71,7 +73,8 @@ def experts_sorted(x, topk_ids, topk_weights, gate_up, down):
     order, counts = _sort_by_expert(topk_ids, gate_up.shape[0])
     token_idx = order // k  # (T·k,) token of each sorted pair
     chunks = torch.split(x[token_idx], counts.tolist())  # one host sync per layer
-    y = torch.cat([swiglu(c, gate_up[e], down[e]) for e, c in enumerate(chunks)])  # (T·k, D)
+    experts = zip(chunks, gate_up.unbind(0), down.unbind(0))
+    y = torch.cat([swiglu(c, gu, dn) for c, gu, dn in experts])  # (T·k, D)
     y = y * topk_weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token_idx, y)
 
