@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moelab.data.cli import add_commands as add_data_commands
 
     add_data_commands(sub, _add)
+    from moelab.interp.cli import add_commands as add_interp_commands
+
+    add_interp_commands(sub, _add)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Interpretability analysis: routing traces, specialization metrics, interventions, the HTML report."""
