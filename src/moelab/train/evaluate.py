@@ -30,7 +30,7 @@ class ValLoader:
         loader = PackedLoader(
             self.dataset, self.seq_len, self.batch_size, seed=self.seed, return_doc_ids=True
         )
-        n = loader.batches_per_epoch
+        n = len(loader)  # batches in one pass over the split
         if max_batches:
             n = min(n, max_batches)
         it = iter(loader)

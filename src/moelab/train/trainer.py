@@ -125,13 +125,15 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     model = build(config).to(device)
     if tc.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = True
-    optimizer = build_optimizer(model, tc, device)
     step, tokens_seen, nonfinite_streak = 0, 0, 0
+    state = None
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise MoelabError(f"--resume: no checkpoint in {run_dir}/checkpoints")
-        state = load_training_checkpoint(ckpt, model, device)
+        state = load_training_checkpoint(ckpt, model, device)  # replaces the parameter tensors
+    optimizer = build_optimizer(model, tc, device)  # so the optimizer is built after loading
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -252,7 +254,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 model.train()
                 loggers.log({"type": "val", "step": step, **val})
                 bar.write(f"step {step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.1f})")
-            if (tc.save_every and step % tc.save_every == 0) or last_step or stop.signal_name:
+            # periodic checkpoints only of good states (not inside a non-finite streak)
+            periodic = tc.save_every and step % tc.save_every == 0 and nonfinite_streak == 0
+            if periodic or last_step or stop.signal_name:
                 path = checkpoint(step)
                 if stop.signal_name:
                     bar.close()
