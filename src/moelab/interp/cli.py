@@ -65,7 +65,7 @@ def add_commands(sub, add) -> None:
     p.add_argument("--renormalize", action="store_true", help="renormalise the remaining top-k weights")
     p.add_argument("--force", default=None, help="LAYER:EXPERT,... route every token of LAYER to EXPERT")
     p.add_argument("--random-baselines", type=int, default=3, help="random ablations of the same size")
-    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--batches", type=int, default=20, help="validation batches (0 = the whole split)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
