@@ -1,6 +1,6 @@
 """`make demo`: the whole main job on the embedded defaults, idempotent (a rerun reuses what exists).
 
-corpus → 8k BPE → tokenize → train configs/tiny-cpu.yaml → eval → generate, then where things are.
+corpus → 8k BPE → tokenize → train configs/tiny-cpu.yaml → eval → generate → trace → analyze → report.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ RUN = Path("runs/demo")
 CONFIG = Path("configs/tiny-cpu.yaml")
 
 
-def step(title: str, done: bool, argv: list[str]) -> None:
+def step(title: str, done: bool, *commands: list[str]) -> None:
+    """Run moelab commands under a heading, unless their outputs already exist."""
     print(f"\n== {title}" + (" (up to date, reusing)" if done else ""), flush=True)
     if done:
         return
-    print("$ moelab " + " ".join(argv), flush=True)
-    rc = moelab(argv)
-    if rc:
-        sys.exit(rc)
+    for argv in commands:
+        print("$ moelab " + " ".join(argv), flush=True)
+        rc = moelab(argv)
+        if rc:
+            sys.exit(rc)
 
 
 def finished(run: Path, steps: int) -> bool:
@@ -45,15 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"train.steps={args.steps}"] if args.steps else []
     steps = load_config(CONFIG, overrides).train.steps
     corpus, tok, tokens = DATA / "corpus", DATA / "tokenizer", DATA / "tokens"
+    trace, ctx, report = RUN / "trace", RUN / "trace-contextual", RUN / "report.html"
+
     step(
-        "1/6 build the embedded multi-domain corpus",
+        "1/9 build the embedded multi-domain corpus",
         (corpus / "metadata.json").is_file(),
         ["data", "corpus", "--out", str(corpus)],
     )
-    bpe = ["tokenizer", "train", str(corpus / "train.jsonl"), "--vocab-size", "8192", "--out", str(tok)]
-    step("2/6 train an 8k byte-level BPE", (tok / "tokenizer.json").is_file(), bpe)
     step(
-        "3/6 tokenize",
+        "2/9 train an 8k byte-level BPE",
+        (tok / "tokenizer.json").is_file(),
+        ["tokenizer", "train", str(corpus / "train.jsonl"), "--vocab-size", "8192", "--out", str(tok)],
+    )
+    step(
+        "3/9 tokenize (2 workers)",
         (tokens / "metadata.json").is_file(),
         [
             "data",
@@ -68,16 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             "2",
         ],
     )
-    train_argv = ["train", str(CONFIG), "--out", str(RUN)] + [a for o in overrides for a in ("--set", o)]
-    has_ckpt = (RUN / "checkpoints" / "latest").is_file()
+    trained_now = not finished(RUN, steps)
+    resume = ["--resume"] if (RUN / "checkpoints" / "latest").is_file() else []
     step(
-        "4/6 train the tiny MoE (configs/tiny-cpu.yaml)",
-        finished(RUN, steps),
-        train_argv + (["--resume"] if has_ckpt else []),
+        "4/9 train the tiny MoE (configs/tiny-cpu.yaml)",
+        not trained_now,
+        ["train", str(CONFIG), "--out", str(RUN), *resume] + [a for o in overrides for a in ("--set", o)],
     )
-    step("5/6 evaluate on the validation split", False, ["eval", str(RUN), "--data", str(tokens)])
+    step("5/9 evaluate on the validation split", False, ["eval", str(RUN), "--data", str(tokens)])
     step(
-        "6/6 generate a sample",
+        "6/9 generate a sample",
         False,
         [
             "generate",
@@ -94,17 +101,38 @@ def main(argv: list[str] | None = None) -> int:
             "1",
         ],
     )
+    traced = (trace / "meta.json").is_file() and (ctx / "meta.json").is_file() and not trained_now
+    step(
+        "7/9 trace the routing: validation split and contextual-token set",
+        traced,
+        [
+            "trace",
+            str(RUN),
+            "--data",
+            str(tokens),
+            "--router-probs",
+            "--batch-size",
+            "16",
+            "--out",
+            str(trace),
+        ],
+        ["trace", str(RUN), "--contextual", "--batch-size", "32", "--out", str(ctx)],
+    )
+    step("8/9 analyze expert specialization", False, ["analyze", str(trace)])
+    step("9/9 write the HTML report", False, ["report", str(RUN), "--out", str(report)])
+
     baseline = unigram_baseline(tokens)
     print(f"\nunigram baseline on the validation split (context-free model): {baseline:.3f} nats/token")
     print(f"\ndone in {time.time() - start:.0f} s. Where things are:")
     print(f"  corpus      {corpus}/ (train.jsonl, val.jsonl, metadata.json)")
     print(f"  tokenizer   {tok}/tokenizer.json")
     print(f"  tokens      {tokens}/ (train.bin, val.bin, metadata.json)")
-    print(f"  run         {RUN}/ (metrics.jsonl, checkpoints/)")
+    print(f"  run         {RUN}/ (metrics.jsonl, checkpoints/, trace/, trace-contextual/)")
+    print(f"  report      {report}   <- open it in a browser")
     print("Try next:")
     print(f"  moelab generate {RUN} --prompt 'In the beginning' --temperature 0.8")
+    print(f"  moelab ablate {RUN} --data {tokens} --experts 0:1,0:2")
     print("  moelab new my-router --from olmoe && moelab train experiments/my-router")
-    print("  moelab params configs/research/test-51.yaml")
     return 0
 
 
