@@ -208,10 +208,10 @@ def cmd_generate(args) -> None:
         tok_file = ckpt / "tokenizer.json"
         if not tok_file.is_file():
             raise MoelabError(f"{ckpt} has no tokenizer.json; pass --prompt-ids 1,2,3 instead of --prompt")
-        from tokenizers import Tokenizer
+        from moelab.data.tokenizer import load_tokenizer
 
-        tokenizer = Tokenizer.from_file(str(tok_file))
-        prompt = tokenizer.encode(args.prompt).ids
+        tokenizer = load_tokenizer(tok_file)  # encodes exactly as the training data was encoded
+        prompt = tokenizer.encode(args.prompt)
     else:
         try:
             prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
