@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moelab.config import Config
 from moelab.moe.dispatch import run_experts, swiglu
@@ -237,6 +238,7 @@ class OLMoE(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)  # (Dh/2,)
+        self.activation_checkpointing = False  # set by the trainer: recompute each block in backward
         self.reset_parameters()
 
     @property
@@ -287,7 +289,10 @@ class OLMoE(nn.Module):
         mask = attention_mask_4d(attention_mask, N, start + N, input_ids.device)
         routing = []
         for i, block in enumerate(self.blocks):
-            x, r = block(x, cos, sin, mask, cache, i)
+            if self.activation_checkpointing and self.training and cache is None:
+                x, r = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x, r = block(x, cos, sin, mask, cache, i)
             if r is not None:
                 routing.append(r)
         if cache is not None:

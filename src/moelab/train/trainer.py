@@ -123,8 +123,12 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     val_loader = make_val_loader(config)
 
     model = build(config).to(device)
-    if tc.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
-        model.gradient_checkpointing = True
+    if tc.activation_checkpointing:
+        if not hasattr(model, "activation_checkpointing"):
+            raise MoelabError(
+                f"train.activation_checkpointing: model {config.model.arch} does not support it"
+            )
+        model.activation_checkpointing = True
     step, tokens_seen, nonfinite_streak = 0, 0, 0
     state = None
     if resume:
@@ -171,7 +175,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             lb_coef = load_balance_coef_at(step, config.moe.load_balance_coef, tc.load_balance_decay_steps)
-            sums, step_counts, n_tokens, routing, valid = None, None, 0, None, None
+            sums, step_counts, n_tokens, routing = None, None, 0, None
             for _ in range(tc.grad_accum):
                 batch = next(loader)
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
@@ -179,9 +183,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 with autocast_for(tc, device):
                     out = forward(input_ids, labels=labels)
                 loss = out.loss
-                if (
-                    "load_balance" in out.losses
-                ):  # the model adds coef·lb at the config's coef; use the schedule's
+                if "load_balance" in out.losses:  # the model used the config's coef; apply the schedule's
                     loss = loss + (lb_coef - config.moe.load_balance_coef) * out.losses["load_balance"]
                 (loss / tc.grad_accum).backward()
                 terms = torch.stack([loss.detach(), *(v.detach().float() for v in out.losses.values())])
@@ -192,8 +194,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 routing = out.routing
             grad_norms = clip_grad_groups(model, tc.clip_experts, tc.clip_rest)
             finite = torch.isfinite(sums).all() & torch.isfinite(grad_norms).all()
-            # one host transfer for everything this step reports
-            layer_stats = torch.stack([max_violation(step_counts), router_entropy(routing, valid)], dim=-1)
+            # one host transfer for the scalars every step needs (loss, norms, finiteness)
             packed = torch.cat([sums / tc.grad_accum, grad_norms, finite.float()[None]]).tolist()
             finite = packed[-1] == 1.0
             if finite:
@@ -233,7 +234,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                     tokens_per_s=n_tokens / dt,
                     step_time_s=dt,
                 )
-                stats = layer_stats.tolist()
+                # packed windows have no padding: every token is valid
+                stats = torch.stack([max_violation(step_counts), router_entropy(routing, None)], -1).tolist()
                 record["layers"] = {
                     "counts": step_counts.long().tolist(),
                     "max_vio": [s[0] for s in stats],
