@@ -78,13 +78,21 @@ def load_weights(model: torch.nn.Module, ckpt: Path, device="cpu") -> None:
         state = load_file(str(ckpt / WEIGHTS), device=str(device))
     except Exception as e:  # safetensors raises several types for corrupt files
         raise MoelabError(f"{ckpt / WEIGHTS} could not be read ({e}); the checkpoint is corrupt") from None
+    assign_state(model, state, f"{ckpt} does not match its config.yaml")
+    _rebuild_non_persistent(model, device)
+
+
+def assign_state(model: torch.nn.Module, state: dict, mismatch: str) -> None:
+    """load_state_dict(strict, assign): the tensors become the parameters (no copy; works on meta).
+
+    A mismatch raises MoelabError: `mismatch` followed by the first offending key.
+    """
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         lines = str(e).splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise MoelabError(f"{ckpt} does not match its config.yaml: {detail}") from None
-    _rebuild_non_persistent(model, device)
+        raise MoelabError(f"{mismatch}: {detail}") from None
 
 
 def _rebuild_non_persistent(model: torch.nn.Module, device) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -13,6 +14,15 @@ from moelab.errors import MoelabError
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
+
+
+def lazy(module: str, func: str):
+    """A command handler that imports `module` only when the command runs (keeps --help fast)."""
+
+    def run(args):
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
 
 
 def _add(sub, name: str, help: str, example: str, **kw) -> argparse.ArgumentParser:

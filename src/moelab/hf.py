@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moelab.checkpoint import CONFIG, WEIGHTS, resolve_checkpoint, save_checkpoint
+from moelab.checkpoint import CONFIG, WEIGHTS, assign_state, resolve_checkpoint, save_checkpoint
 from moelab.config import Config, ModelConfig, load_config
 from moelab.errors import ConfigError, MoelabError
 from moelab.io import atomic_dir, atomic_file
@@ -362,12 +362,7 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path) -> Path:
     config, state = load_hf_olmoe(hf_dir)
     with torch.device("meta"):  # no allocation: the loaded tensors become the parameters
         model = build(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        first = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise MoelabError(f"{hf_dir} does not match its config.json: {first}") from None
+    assign_state(model, state, f"{hf_dir} does not match its config.json")
     del state
     out = save_checkpoint(model, out, config)
     if (hf_dir / TOKENIZER).is_file():

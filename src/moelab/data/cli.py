@@ -6,14 +6,11 @@ Each command calls the `cmd_*` function of the module that does the work (import
 
 from __future__ import annotations
 
-import importlib
+from moelab.cli import lazy
 
 
 def _lazy(module: str, func: str):
-    def run(args):
-        return getattr(importlib.import_module(f"moelab.data.{module}"), func)(args)
-
-    return run
+    return lazy(f"moelab.data.{module}", func)
 
 
 def add_commands(sub, add) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
+from moelab.cli import lazy
 
 
 def _lazy(module: str, func: str):
-    def run(args):
-        return getattr(importlib.import_module(f"moelab.interp.{module}"), func)(args)
-
-    return run
+    return lazy(f"moelab.interp.{module}", func)
 
 
 def add_commands(sub, add) -> None:
