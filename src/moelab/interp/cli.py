@@ -76,5 +76,11 @@ def add_commands(sub, add) -> None:
     )
     p.add_argument("runs", nargs="+", help="run directories (several: side-by-side comparison)")
     p.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/report.html)")
-    p.add_argument("--trace", action="append", default=[], help="trace dir per run (default: RUN_DIR/trace)")
+    p.add_argument(
+        "--trace",
+        action="append",
+        default=[],
+        help="trace dir per run, in the runs' order: DIR or DATA_DIR,CONTEXTUAL_DIR "
+        "(default: RUN_DIR/trace and RUN_DIR/trace-contextual)",
+    )
     p.set_defaults(func=_lazy("report", "cmd_report"))
