@@ -10,22 +10,13 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_model_overrides
 
 import moelab
 from moelab.moe.losses import load_balance_loss, router_z_loss
 from moelab.moe.routing import TopKRouter, expert_counts
 
-TINY = [
-    "model.vocab_size=128",
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.d_expert=32",
-    "model.n_experts=8",
-    "model.top_k=2",
-    "model.eos_token_id=2",
-    "model.max_seq_len=64",
-]
+TINY = tiny_model_overrides()
 
 
 def logits_of(probs: list[list[float]]) -> torch.Tensor:

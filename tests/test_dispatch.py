@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model_overrides
 
 import moelab
 from moelab.moe import dispatch
@@ -155,20 +156,8 @@ def test_bf16_paths_agree_with_fp32_reference():
         torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2, msg=path)
 
 
-TINY = [
-    "model.vocab_size=128",
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.d_expert=32",
-    "model.n_experts=8",
-    "model.top_k=2",
-    "model.eos_token_id=2",
-    "model.max_seq_len=64",
-    # only the cross-entropy reaches the router, so its gradient must flow through the experts' mixing
-    "moe.load_balance=none",
-    "moe.z_loss_coef=0",
-]
+# only the cross-entropy reaches the router, so its gradient must flow through the experts' mixing
+TINY = tiny_model_overrides("moe.load_balance=none", "moe.z_loss_coef=0")
 
 
 def test_model_router_gradient_is_nonzero_and_equal_across_paths():

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_model_overrides
 from safetensors.torch import load_file, save_file
 
 import moelab
@@ -33,20 +34,9 @@ HF_TINY = dict(
     eos_token_id=127,
     rope_parameters={"rope_type": "default", "rope_theta": 500.0},  # not the default: checks the mapping
 )
-MOELAB_TINY = [
-    "model.vocab_size=128",
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.d_expert=32",
-    "model.n_experts=8",
-    "model.top_k=2",
-    "model.eos_token_id=127",
-    "model.max_seq_len=64",
-    "model.rope_theta=500",
-    "model.norm_topk_prob=true",
-    "model.attention=eager",
-]
+MOELAB_TINY = tiny_model_overrides(
+    "model.rope_theta=500", "model.norm_topk_prob=true", "model.attention=eager", eos_token_id=127
+)
 
 
 @torch.no_grad()

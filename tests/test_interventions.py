@@ -9,8 +9,6 @@ import torch
 import moelab
 from moelab.cli import main
 from moelab.data.loader import TokenDataset
-from moelab.data.tokenize import tokenize_files
-from moelab.data.tokenizer import train_tokenizer
 from moelab.errors import MoelabError
 from moelab.interp.interventions import ablation_report, intervene
 from moelab.moe.dispatch import run_experts
@@ -35,8 +33,8 @@ def tiny_model(bias_on="scores", norm_topk_prob=False, shared=0, vocab=64, top_k
             f"model.n_shared_experts={shared}",
             f"model.norm_topk_prob={str(norm_topk_prob).lower()}",
             "model.max_seq_len=32",
-            "model.pad_token_id=0",
-            "model.eos_token_id=1",
+            "model.pad_token_id=1",
+            "model.eos_token_id=0",
             "moe.lflb=true",
             f"moe.lflb_bias_on={bias_on}",
             "data.seq_len=16",
@@ -223,37 +221,22 @@ def test_bad_specs_raise():
 
 # ----------------------------------------------------------------------------- report and CLI
 
-WORDS = {
-    "drama": "king queen crown sword castle ghost night murder throne exile",
-    "science": "atom energy cell gene force mass orbit light wave field",
-}
-
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """A tiny tokenized dataset with two domains, and a random checkpoint saved with its tokenizer."""
-    root = tmp_path_factory.mktemp("ablate")
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(48):
-        domain = "drama" if i % 2 else "science"
-        words = WORDS[domain].split()
-        text = " ".join(words[j] for j in torch.randint(len(words), (40,), generator=g).tolist()) + "."
-        lines.append(json.dumps({"text": text, "domain": domain, "doc_id": f"d{i}"}))
-    (root / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
-    (root / "val.jsonl").write_text("\n".join(lines[24:]) + "\n")
-    train_tokenizer([root / "train.jsonl"], 300, root / "tok", progress=False)
-    tokenize_files([root / "train.jsonl", root / "val.jsonl"], root / "tok", root / "tokens", progress=False)
-    moelab.save_checkpoint(tiny_model(vocab=320), root / "ckpt", tokenizer=root / "tok" / "tokenizer.json")
-    return root
+def data(two_domain_data, tmp_path_factory) -> dict[str, Path]:
+    """Tokenized splits with two domains (see conftest) and a random checkpoint saved with their tokenizer."""
+    ckpt = tmp_path_factory.mktemp("ablate") / "ckpt"
+    tokenizer = two_domain_data / "tok" / "tokenizer.json"
+    moelab.save_checkpoint(tiny_model(vocab=320), ckpt, tokenizer=tokenizer)
+    return {"tokens": two_domain_data / "tokens", "ckpt": ckpt}
 
 
-def val_loader(root):
-    return ValLoader(TokenDataset(root / "tokens", "val"), 16, 2)
+def val_loader(data):
+    return ValLoader(TokenDataset(data["tokens"], "val"), 16, 2)
 
 
 def test_ablation_report(data):
-    model, val = moelab.load(data / "ckpt"), val_loader(data)
+    model, val = moelab.load(data["ckpt"]), val_loader(data)
     report = ablation_report(model, val, remove={0: [1], 2: [0, 3]}, n_random=3, seed=7, max_batches=3)
     assert set(report) == {"baseline", "intervention", "delta", "random", "random_note", "spec"}
     base, inter = report["baseline"], report["intervention"]
@@ -311,9 +294,9 @@ def test_ablation_report(data):
 def test_cli_ablate(data, capsys):
     args = [
         "ablate",
-        str(data / "ckpt"),
+        str(data["ckpt"]),
         "--data",
-        str(data / "tokens"),
+        str(data["tokens"]),
         "--batches",
         "2",
         "--batch-size",
@@ -322,8 +305,8 @@ def test_cli_ablate(data, capsys):
     assert main([*args, "--experts", "0:1", "--random-baselines", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["spec"]["remove"] == {"0": [1]} and len(report["random"]["runs"]) == 2
-    model = moelab.load(data / "ckpt")
-    val = ValLoader(TokenDataset(data / "tokens", "val"), 16, 2)
+    model = moelab.load(data["ckpt"])
+    val = val_loader(data)
     assert report["baseline"]["loss"] == pytest.approx(evaluate(model, val, 2, "cpu")["loss"], abs=1e-9)
 
     assert main([*args, "--drop-ranks", "1", "--renormalize", "--force", "2:0"]) == 0

@@ -9,27 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import WORDS, write_jsonl
 
 from moelab.data.loader import PackedLoader, TokenDataset
 from moelab.data.tokenize import tokenize_files
 from moelab.data.tokenizer import load_tokenizer, train_tokenizer
 from moelab.errors import MoelabError
 
-WORDS = [
-    "the",
-    "king",
-    "shall",
-    "speak",
-    "unto",
-    "river",
-    "light",
-    "über",
-    "naïve",
-    "日本",
-    "code",
-    "def",
-    "x=1",
-]
 SEQ, BATCH = 16, 4
 
 
@@ -48,9 +34,7 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict]:
 def data(tmp_path_factory):
     """A tokenized directory (train + val) with domain labels, and its tokenizer."""
     d = tmp_path_factory.mktemp("loader")
-    with open(d / "a.jsonl", "w", encoding="utf-8") as fh:
-        for r in synthetic_records(250):
-            fh.write(json.dumps(r) + "\n")
+    write_jsonl(d / "a.jsonl", synthetic_records(250))
     tok = load_tokenizer(train_tokenizer([d / "a.jsonl"], vocab_size=350, out=d / "tok", progress=False))
     tokenize_files([d / "a.jsonl"], tok, d / "tokens", val_fraction=0.1, progress=False)
     return d / "tokens", tok

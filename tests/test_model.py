@@ -8,22 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model_overrides
 
 import moelab
 from moelab.errors import MoelabError
 from moelab.models.olmoe import MoEOutput
 
-TINY = [
-    "model.vocab_size=128",
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.d_expert=32",
-    "model.n_experts=8",
-    "model.top_k=2",
-    "model.eos_token_id=2",
-    "model.max_seq_len=64",
-]
+TINY = tiny_model_overrides()
 PAD = 1  # default pad_token_id
 
 

@@ -9,43 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import synthetic_docs, write_jsonl
 
 import moelab.data.tokenize as tokenize_mod
 from moelab.cli import main
 from moelab.data.tokenize import token_dtype, tokenize_files
 from moelab.data.tokenizer import EOS_TOKEN, MoeTokenizer, load_tokenizer, train_tokenizer
 from moelab.errors import MoelabError
-
-WORDS = [
-    "the",
-    "king",
-    "shall",
-    "speak",
-    "unto",
-    "river",
-    "light",
-    "über",
-    "naïve",
-    "日本",
-    "code",
-    "def",
-    "x=1",
-]
-
-
-def synthetic_docs(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 80))) + rng.choice([".", "!\n", "?"])
-        for _ in range(n)
-    ]
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 import unicodedata
 import zipfile
 
 import pytest
+from helpers import synthetic_docs, write_jsonl
 
 from moelab.cli import main
 from moelab.data.pypi import default_cache
@@ -21,38 +21,14 @@ from moelab.data.tokenizer import (
 )
 from moelab.errors import MoelabError
 
-WORDS = [
-    "the",
-    "king",
-    "shall",
-    "speak",
-    "unto",
-    "river",
-    "light",
-    "über",
-    "naïve",
-    "日本",
-    "code",
-    "def",
-    "x=1",
-]
-
-
-def synthetic_docs(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) + rng.choice([".", "!\n", "?"])
-        for _ in range(n)
-    ]
+DOC_LENGTHS = (5, 60)  # words per synthetic document
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok_corpus")
-    docs = synthetic_docs(300)
-    with open(d / "train.jsonl", "w", encoding="utf-8") as fh:
-        for t in docs[:200]:
-            fh.write(json.dumps({"text": t}) + "\n")
+    docs = synthetic_docs(300, lengths=DOC_LENGTHS)
+    write_jsonl(d / "train.jsonl", [{"text": t} for t in docs[:200]])
     for i, t in enumerate(docs[200:210]):
         (d / f"doc{i}.txt").write_text(t, encoding="utf-8")
     return d
@@ -76,7 +52,7 @@ def test_trained_tokenizer_ids_meta_and_roundtrip(tok_dir):
     # byte-level: any text survives encode -> decode (up to NFC normalisation), even unseen scripts
     for text in ["the king shall speak", "Ωmega ≠ 𝔘nicode 🙂 tab\tnew\nline", "e\u0301"]:
         assert tok.decode(tok.encode(text)) == unicodedata.normalize("NFC", text)
-    texts = synthetic_docs(5, seed=3)
+    texts = synthetic_docs(5, seed=3, lengths=DOC_LENGTHS)
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.encode(texts[0]) == tok.tokenizer.encode(texts[0], add_special_tokens=False).ids
     # merges were learned: frequent words take fewer tokens than bytes

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_jsonl
 
 import moelab
 from moelab.cli import main
@@ -23,8 +24,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("trace")
     texts = [s for w in read_contextual_words() for sense in w.senses for s in sense.samples]
     docs = [{"text": t, "domain": "odd" if i % 2 else "even"} for i, t in enumerate(texts)]
-    (root / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[:400]))
-    (root / "val.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[400:]))
+    write_jsonl(root / "train.jsonl", docs[:400])
+    write_jsonl(root / "val.jsonl", docs[400:])
     train_tokenizer([root / "train.jsonl"], 1200, root / "tok", progress=False)
     tokenize_files([root / "train.jsonl", root / "val.jsonl"], root / "tok", root / "tokens", progress=False)
     tok = load_tokenizer(root / "tok")

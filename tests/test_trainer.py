@@ -15,36 +15,16 @@ import torch
 
 from moelab.cli import main
 from moelab.config import load_config
-from moelab.data.tokenize import tokenize_files
-from moelab.data.tokenizer import train_tokenizer
 from moelab.errors import MoelabError
 from moelab.train import optim, telemetry
 from moelab.train.checkpoint import list_checkpoints
 from moelab.train.trainer import prepare_run, train
 
-WORDS = {
-    "drama": "king queen crown sword castle ghost night murder throne exile",
-    "science": "atom energy cell gene force mass orbit light wave field",
-}
-
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A small tokenized dataset with two labelled domains and a validation split."""
-    root = tmp_path_factory.mktemp("trainer-data")
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(80):
-        domain = "drama" if i % 2 else "science"
-        words = WORDS[domain].split()
-        idx = torch.randint(len(words), (60,), generator=g).tolist()
-        text = " ".join(words[j] for j in idx) + "."
-        lines.append(json.dumps({"text": text, "domain": domain, "doc_id": f"d{i}"}))
-    (root / "train.jsonl").write_text("\n".join(lines[:70]) + "\n")
-    (root / "val.jsonl").write_text("\n".join(lines[70:]) + "\n")
-    train_tokenizer([root / "train.jsonl"], 300, root / "tok", progress=False)
-    tokenize_files([root / "train.jsonl", root / "val.jsonl"], root / "tok", root / "tokens", progress=False)
-    return root / "tokens"
+def data_dir(two_domain_data) -> Path:
+    """Tokenized train and val splits with two labelled domains (see conftest)."""
+    return two_domain_data / "tokens"
 
 
 def tiny_overrides(data_dir: Path, **train) -> list[str]:
@@ -57,8 +37,8 @@ def tiny_overrides(data_dir: Path, **train) -> list[str]:
         "model.n_experts=4",
         "model.top_k=2",
         "model.max_seq_len=32",
-        "model.pad_token_id=0",
-        "model.eos_token_id=1",
+        "model.pad_token_id=1",
+        "model.eos_token_id=0",
         "moe.lflb=true",
         "moe.lflb_rate=0.01",
         f"data.path={data_dir}",
@@ -294,3 +274,12 @@ def test_train_cli_prints_run_dir(tmp_path, data_dir, capsys):
     assert "done" in capsys.readouterr().out
     assert main(argv[:2] + ["--set", "train.stepz=3"]) == 2
     assert "did you mean train.steps" in capsys.readouterr().err
+
+
+def test_refuses_data_whose_eos_differs_from_the_model(tmp_path, data_dir):
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text("{}\n")
+    overrides = tiny_overrides(data_dir, steps=1) + ["model.eos_token_id=5"]
+    config, run_dir = prepare_run(config_file, overrides, tmp_path / "eos", False)
+    with pytest.raises(MoelabError, match="eos id 0 but model.eos_token_id is 5"):
+        train(config, run_dir, progress=False)

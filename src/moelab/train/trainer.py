@@ -119,6 +119,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             f"{dc.path} was tokenized with vocab {train_data.vocab_size} > model.vocab_size "
             f"{config.model.vocab_size}; set model.vocab_size >= {train_data.vocab_size}"
         )
+    if train_data.eos_id != config.model.eos_token_id:
+        raise MoelabError(
+            f"{dc.path} separates documents with eos id {train_data.eos_id} but model.eos_token_id is "
+            f"{config.model.eos_token_id}; set --set model.eos_token_id={train_data.eos_id}"
+        )
     loader = PackedLoader(train_data, dc.seq_len, tc.batch_size, seed=tc.seed)
     val_loader = make_val_loader(config)
 
