@@ -181,3 +181,30 @@ def test_model_router_gradient_is_nonzero_and_equal_across_paths():
         torch.testing.assert_close(losses[p], losses["loop"], atol=1e-5, rtol=1e-5)
         for g, ref in zip(grads[p], grads["loop"]):
             torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4, msg=p)
+
+
+def test_autocast_bf16_runs_every_path_in_bf16_and_they_agree():
+    """Under autocast (how GPUs train) the experts run in the autocast dtype, grouped_mm included."""
+    case = make_case(T=64, D=32, I=16, E=4, k=2, seed=3)
+    reference, _ = forward_backward(case, None, fn=dense_reference)
+    outputs = {}
+    for path in ("loop", "sorted", "grouped"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = forward_backward(case, path)
+        assert out.dtype == torch.bfloat16
+        assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+        outputs[path] = out.float()
+    for path, out in outputs.items():
+        torch.testing.assert_close(out, reference, atol=5e-2, rtol=5e-2, msg=path)
+    torch.testing.assert_close(outputs["grouped"], outputs["sorted"], atol=2e-2, rtol=2e-2)
+
+
+def test_model_trains_under_bf16_autocast():
+    model = moelab.build(moelab.load_config(None, tiny_model_overrides())).train()
+    x = torch.randint(2, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert out.routing[0].router_logits.dtype == torch.float32  # the contract: fp32 router logits
+    assert model.moe_layers[0].experts.gate_up.grad is not None

@@ -30,8 +30,14 @@ def run_experts(
     down: torch.Tensor,
     path: str = "grouped",
 ) -> torch.Tensor:
-    """x: (T, D), topk_ids: (T, k) long, topk_weights: (T, k) -> (T, D)."""
-    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
+    """x: (T, D), topk_ids: (T, k) long, topk_weights: (T, k) -> (T, D) in the compute dtype.
+
+    Under autocast (bf16 on GPU) everything is cast to the autocast dtype first: grouped_mm is not an
+    autocast op, and index_add needs one dtype for the expert outputs and the mixing weights.
+    """
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x, topk_weights = x.to(dtype), topk_weights.to(dtype)
+    gate_up, down = gate_up.to(dtype), down.to(dtype)
     if path == "grouped":
         if grouped_mm_usable(x, gate_up, down):
             return experts_grouped(x, topk_ids, topk_weights, gate_up, down)
@@ -106,8 +112,12 @@ def grouped_mm_usable(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
     reason = None
     if not hasattr(F, "grouped_mm"):
         reason = "this torch has no torch.nn.functional.grouped_mm"
-    elif x.dtype not in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
+    elif x.device.type == "cpu" and x.dtype not in (torch.float32, torch.bfloat16):
         reason = f"grouped_mm on CPU supports fp32/bf16, not {x.dtype}"
+    elif x.device.type == "cuda" and (
+        x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 8
+    ):
+        reason = "grouped_mm on CUDA needs bf16 (train.dtype=bf16) and a GPU of compute capability >= 8.0"
     elif any((n * x.element_size()) % 16 for n in (x.shape[-1], gate_up.shape[-1], down.shape[-2])):
         reason = "d_model, 2*d_expert and d_expert must be multiples of 16 bytes for grouped_mm"
     if reason and reason not in _warned:
