@@ -108,7 +108,8 @@ def main() -> None:
             f"start-up (a 1-step run of each variant) subtracted. {cpu}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}, Python {platform.python_version()}.", "",
             *table, "",
-            f"Overhead of per-step telemetry: **{overhead * 100:+.2f}%** of step time (goal: ≤ 3%). Both "
+            f"Overhead of per-step telemetry: **{overhead * 100:+.2f}%** of step time (goal: ≤ 3%; a value "
+            "near or below 0 means the difference is within this machine's run-to-run noise). Both "
             "variants read loss, gradient norms and finiteness back every step; telemetry adds per-layer "
             "counts, MaxVio, router entropy and bias ranges (one extra transfer) and a metrics.jsonl line.",
             "",
