@@ -349,8 +349,8 @@ def test_balance_section_shows_the_last_max_vio_global(page):
 
 
 def test_read_metrics_bins_are_exact_means(fake, monkeypatch, tmp_path):
-    monkeypatch.setattr(report, "LINE_BINS", 3)  # 20 lines -> bins merge twice, width 4
-    monkeypatch.setattr(report, "HEATMAP_BINS", 2)
+    monkeypatch.setattr(report.runs, "LINE_BINS", 3)  # 20 lines -> bins merge twice, width 4
+    monkeypatch.setattr(report.runs, "HEATMAP_BINS", 2)
     m = report.read_metrics(fake["run"] / "metrics.jsonl")
     train = [r for r in fake["lines"] if r["type"] == "train"]
     assert (m.nonfinite, m.unreadable, len(m.val)) == (1, 1, 2)
