@@ -227,14 +227,7 @@ def cmd_generate(args) -> None:
             prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             raise MoelabError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers") from None
-    if not prompt:
-        raise MoelabError("the prompt is empty")
-    vocab = model.config.model.vocab_size
-    if any(not 0 <= t < vocab for t in prompt):
-        raise MoelabError(f"prompt ids must be in [0, {vocab})")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise MoelabError("--temperature must be >= 0 and --top-p in (0, 1]")
-    ids = generate(
+    ids = generate(  # checks the prompt, temperature and top-p itself
         model,
         prompt,
         max_new_tokens=args.max_new_tokens,
@@ -264,24 +257,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import torch
+    from moelab.train.evaluate import evaluate, open_evaluation
 
-    from moelab.checkpoint import load, resolve_checkpoint
-    from moelab.data.loader import TokenDataset
-    from moelab.train.evaluate import ValLoader, evaluate
-
-    ckpt = resolve_checkpoint(args.checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(ckpt, device=device)
-    dataset = TokenDataset(args.data, args.split)
-    tok = ckpt / "tokenizer.json"
-    if tok.is_file():
-        from moelab.data.tokenizer import load_tokenizer
-
-        dataset.check_tokenizer(load_tokenizer(tok).hash)
-    seq_len = args.seq_len or model.config.data.seq_len
-    seq_len = min(seq_len, dataset.n_tokens - 1)
-    result = evaluate(model, ValLoader(dataset, seq_len, args.batch_size), args.batches, device)
+    ckpt, model, val, device = open_evaluation(
+        args.checkpoint, args.data, args.split, args.batch_size, args.seq_len
+    )
+    result = evaluate(model, val, args.batches, device)
     if args.json:
         print(json.dumps(result))
         return

@@ -441,11 +441,9 @@ _FLAGS = ("--experts", "--drop-ranks", "--force")
 def cmd_ablate(args) -> None:
     import json
 
-    from moelab.checkpoint import CONFIG, TOKENIZER, load, resolve_checkpoint
+    from moelab.checkpoint import CONFIG, resolve_checkpoint
     from moelab.config import load_config
-    from moelab.data.loader import TokenDataset
-    from moelab.data.tokenizer import load_tokenizer
-    from moelab.train.evaluate import ValLoader
+    from moelab.train.evaluate import open_evaluation
 
     limits = [("--random-baselines", args.random_baselines, 0), ("--batches", args.batches, 0)]
     for flag, value, low in [*limits, ("--batch-size", args.batch_size, 1)]:
@@ -456,14 +454,8 @@ def cmd_ablate(args) -> None:
         raise MoelabError(f"checkpoint {ckpt} has no {CONFIG}")
     mc = load_config(ckpt / CONFIG).model
     kwargs = parse_args_spec(args, mc.n_layers, mc.n_experts, mc.top_k)  # flags checked before loading
-    dataset = TokenDataset(args.data, args.split)
-    if (ckpt / TOKENIZER).is_file():
-        dataset.check_tokenizer(load_tokenizer(ckpt / TOKENIZER).hash)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(ckpt, device=device)
+    ckpt, model, val, device = open_evaluation(ckpt, args.data, args.split, args.batch_size)
     make_intervention(_shapes(moe_routers(model)), **kwargs, names=_FLAGS)
-    seq_len = min(model.config.data.seq_len, dataset.n_tokens - 1)
-    val = ValLoader(dataset, seq_len, args.batch_size)
     report = ablation_report(
         model,
         val,

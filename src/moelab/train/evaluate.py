@@ -91,3 +91,22 @@ def evaluate(model, val: ValLoader, max_batches: int, device, autocast=None) -> 
         per, seen = (dom_sum / dom_n.clamp(min=1)).tolist(), dom_n.tolist()
         result["domain_loss"] = {name: per[i] for i, name in enumerate(val.domain_names) if seen[i] > 0}
     return result
+
+
+def open_evaluation(checkpoint, data, split: str, batch_size: int, seq_len: int = 0):
+    """(checkpoint dir, model on the best device, ValLoader, device) for `moelab eval` and `moelab ablate`.
+
+    Refuses data tokenized with another tokenizer than the checkpoint's. seq_len 0 = the checkpoint's
+    data.seq_len, capped by the split's length.
+    """
+    from moelab.checkpoint import TOKENIZER, load, resolve_checkpoint
+    from moelab.data.tokenizer import load_tokenizer
+
+    ckpt = resolve_checkpoint(checkpoint)
+    dataset = TokenDataset(data, split)
+    if (ckpt / TOKENIZER).is_file():
+        dataset.check_tokenizer(load_tokenizer(ckpt / TOKENIZER).hash)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(ckpt, device=device)
+    seq_len = min(seq_len or model.config.data.seq_len, dataset.n_tokens - 1)
+    return ckpt, model, ValLoader(dataset, seq_len, batch_size), device
