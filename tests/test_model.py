@@ -361,3 +361,15 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(plain(x, labels=x).loss, ckpt(x, labels=x).loss)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_and_falls_back_from_fp32_grouped_mm():
+    """Under torch.compile grouped_mm runs only in bf16: fp32 models must fall back and stay exact."""
+    torch.manual_seed(0)
+    model = moelab.build(moelab.load_config(None, tiny_model_overrides("moe.dispatch=grouped"))).train()
+    x = torch.randint(2, 128, (2, 16))
+    eager = model(x, labels=x)
+    compiled = torch.compile(model)(x, labels=x)
+    torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-5, rtol=1e-5)
+    assert torch.equal(compiled.routing[1].topk_ids, eager.routing[1].topk_ids)

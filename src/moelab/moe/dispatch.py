@@ -118,6 +118,8 @@ def grouped_mm_usable(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
         x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 8
     ):
         reason = "grouped_mm on CUDA needs bf16 (train.dtype=bf16) and a GPU of compute capability >= 8.0"
+    elif torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        reason = "under torch.compile grouped_mm supports only bf16"
     elif any((n * x.element_size()) % 16 for n in (x.shape[-1], gate_up.shape[-1], down.shape[-2])):
         reason = "d_model, 2*d_expert and d_expert must be multiples of 16 bytes for grouped_mm"
     if reason and reason not in _warned:
