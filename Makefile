@@ -11,11 +11,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(STAMP)
 
-# torch is pinned and installed first: an unpinned torch pulls a multi-GB CUDA build.
+# torch is pinned and installed first (an unpinned torch pulls a multi-GB CUDA build); a torch that
+# is already in the venv (e.g. a CUDA build a GPU user installed) is kept.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0 numpy
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q numpy
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
