@@ -283,3 +283,17 @@ def test_refuses_data_whose_eos_differs_from_the_model(tmp_path, data_dir):
     config, run_dir = prepare_run(config_file, overrides, tmp_path / "eos", False)
     with pytest.raises(MoelabError, match="eos id 0 but model.eos_token_id is 5"):
         train(config, run_dir, progress=False)
+
+
+def test_tensorboard_logs_the_same_numbers_as_metrics_jsonl(tmp_path, data_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = run(tmp_path, data_dir, "tb", steps=3, tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    expected = [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
+    assert [s for s, _ in logged] == [s for s, _ in expected]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+    assert "train/layers/max_vio/0" in events.Tags()["scalars"]
