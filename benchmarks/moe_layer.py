@@ -214,7 +214,9 @@ def check_agreement(impls: list[Impl], x, grad_out, atol: float, rtol: float) ->
     for impl in [ref_impl] + [i for i in impls if i is not ref_impl]:
         with GroupedMMCounter() as counter:
             y = step(impl, x, grad_out)
-        if impl.uses_grouped_mm != (counter.calls > 0):
+        # grouped_mm on CUDA runs only in bf16: an fp32 agreement check there uses the fallbacks
+        counted = x.device.type == "cpu" or x.dtype == torch.bfloat16
+        if counted and impl.uses_grouped_mm != (counter.calls > 0):
             raise AssertionError(
                 f"{impl.name}: grouped_mm called {counter.calls} times; expected the opposite"
             )

@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the section into this Markdown file")
     args = parser.parse_args()
+    if args.steps < 2 or args.repeats < 1:
+        parser.error("--steps must be >= 2 and --repeats >= 1")
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -208,3 +208,20 @@ def test_model_trains_under_bf16_autocast():
     assert torch.isfinite(out.loss)
     assert out.routing[0].router_logits.dtype == torch.float32  # the contract: fp32 router logits
     assert model.moe_layers[0].experts.gate_up.grad is not None
+
+
+def test_id_minus_one_means_no_expert_in_every_path():
+    """Hierarchical models pad top-k ids with -1: that slot adds nothing, in all three paths."""
+    case = make_case(T=32, D=32, I=16, E=4, k=2, seed=5)
+    case["topk_ids"][::3, 1] = -1
+    kept = case["topk_ids"] >= 0
+    dense_case = {
+        **case,
+        "topk_ids": case["topk_ids"].clamp(min=0),
+        "topk_weights": case["topk_weights"] * kept,
+    }
+    expected, _ = forward_backward(dense_case, None, fn=dense_reference)
+    for path in ("loop", "sorted", "grouped"):
+        out, grads = forward_backward(case, path)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=path)
+        assert (grads["topk_weights"][~kept] == 0).all()

@@ -156,3 +156,22 @@ def test_trace_of_a_transformers_moe(workspace, tmp_path, transformers):
     for layer, logits in enumerate(moe_logits):
         expected = torch.topk(logits.float().softmax(-1), 2).indices.numpy()
         assert np.array_equal(load(out, "topk_ids")[layer, :20], expected)
+
+
+def test_trace_refuses_to_replace_a_directory_that_is_not_a_trace(workspace, tmp_path):
+    victim = tmp_path / "run"
+    (victim / "checkpoints").mkdir(parents=True)
+    (victim / "checkpoints" / "keep.txt").write_text("precious")
+    with pytest.raises(MoelabError, match="is not a trace"):
+        trace_mod.trace(workspace["ckpt"], victim, data=workspace["tokens"], max_tokens=10, progress=False)
+    assert (victim / "checkpoints" / "keep.txt").read_text() == "precious"
+    for kwargs, flag in (({"batch_size": 0}, "--batch-size"), ({"max_tokens": -1}, "--max-tokens"),
+                         ({"seq_len": 10_000}, "--seq-len")):  # fmt: skip
+        with pytest.raises(MoelabError, match=flag):
+            trace_mod.trace(
+                workspace["ckpt"], tmp_path / "t", data=workspace["tokens"], progress=False, **kwargs
+            )
+    with pytest.raises(MoelabError, match="--contextual"):
+        trace_mod.trace(
+            workspace["ckpt"], tmp_path / "t", data=workspace["tokens"], contextual=True, progress=False
+        )

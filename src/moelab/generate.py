@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moelab.errors import MoelabError
+from moelab.train.device import autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,10 @@ def _decode(model, prompt, n_new, cache_len, temperature, top_p, seed, eos_token
     try:
         cache = model.new_cache(1, cache_len)
         inputs = prompt  # (1, N) at the prefill, then (1, 1)
+        precision = autocast_for(model.config.train, prompt.device)  # as trained: bf16 on GPU
         for i in range(n_new):
-            out = model(inputs, cache=cache)
+            with precision:
+                out = model(inputs, cache=cache)
             token = next_token(out.logits[:, -1], temperature, top_p, generator)  # (1,)
             yield Step(token, out)
             if i + 1 == n_new:

@@ -20,6 +20,7 @@ import torch
 from moelab.errors import MoelabError
 from moelab.io import atomic_dir
 from moelab.moe.routing import RoutingInfo
+from moelab.train.device import autocast_for
 
 log = logging.getLogger(__name__)
 FORMAT = "moelab-trace/1"
@@ -42,7 +43,8 @@ class Router:
     source: str
     checkpoint_step: int | None
     tokenizer_path: Path | None
-    seq_len: int
+    seq_len: int  # default window
+    seq_len_limit: int  # positions the model supports
 
 
 def open_router(path: str | Path, device: str | torch.device | None = None) -> Router:
@@ -67,15 +69,21 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
             checkpoint_step=None,
             tokenizer_path=tok if tok.is_file() else None,
             seq_len=min(2048, max_pos),
+            seq_len_limit=max_pos,
         )
     from moelab.checkpoint import TOKENIZER, load, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     model = load(ckpt, device=device)
+    precision = autocast_for(model.config.train, device)  # as trained: bf16 autocast on GPU
+    if isinstance(getattr(model, "lm_head", None), torch.nn.Module):
+        # routing needs no logits: let the LM head see only the last position ((B, N, V) is large)
+        model.lm_head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
 
     @torch.no_grad()
     def route(ids, mask):
-        return model(ids, attention_mask=mask).routing
+        with precision:
+            return model(ids, attention_mask=mask).routing
 
     step = re.fullmatch(r"step-(\d+)", ckpt.name)
     cfg = model.config
@@ -92,6 +100,7 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
         checkpoint_step=int(step.group(1)) if step else None,
         tokenizer_path=tok if tok.is_file() else None,
         seq_len=min(cfg.data.seq_len, cfg.model.max_seq_len),
+        seq_len_limit=cfg.model.max_seq_len,
     )
 
 
@@ -240,7 +249,23 @@ def trace(
 
     from moelab.data.tokenizer import load_tokenizer
 
+    for flag, value, low in (
+        ("--max-tokens", max_tokens, 0),
+        ("--seq-len", seq_len, 0),
+        ("--batch-size", batch_size, 1),
+    ):
+        if value < low:
+            raise MoelabError(f"{flag} {value} must be >= {low}")
+    if contextual and (data is not None or max_tokens or seq_len):
+        raise MoelabError(
+            "--contextual traces the built-in contextual-token set; drop --data, --max-tokens, --seq-len"
+        )
+    out = Path(out)
+    if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise MoelabError(f"{out} exists and is not a trace; choose a new --out (e.g. {out}/trace)")
     router = model if isinstance(model, Router) else open_router(model)
+    if seq_len > router.seq_len_limit:
+        raise MoelabError(f"--seq-len {seq_len} is longer than the model's {router.seq_len_limit} positions")
     tokenizer = load_tokenizer(router.tokenizer_path) if router.tokenizer_path else None
     meta = {
         "format": FORMAT,
@@ -286,7 +311,6 @@ def trace(
         n_tokens = min(dataset.n_tokens, max_tokens) if max_tokens else dataset.n_tokens
         chunks = data_chunks(dataset, seq_len or router.seq_len, batch_size, n_tokens)
         meta["domains"], meta["data"] = list(dataset.domain_names), f"{data}:{split}"
-    out = Path(out)
     with atomic_dir(out) as tmp:
         writer = TraceWriter(tmp, n_tokens, router, router_probs, contextual)
         with tqdm(total=n_tokens, desc="trace", unit="tok", unit_scale=True, disable=not progress) as bar:
@@ -294,8 +318,8 @@ def trace(
                 ids = chunk.input_ids.to(router.device)
                 mask = None if chunk.attention_mask is None else chunk.attention_mask.to(router.device)
                 bar.update(writer.add(chunk, router.route(ids, mask)))
-        if writer.filled != n_tokens:
-            raise AssertionError(f"traced {writer.filled} tokens, expected {n_tokens}")
+        if writer.filled != n_tokens:  # an internal invariant, not a user error
+            raise RuntimeError(f"traced {writer.filled} tokens, expected {n_tokens}")
         writer.close()
         meta["n_tokens"] = n_tokens
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -37,6 +37,10 @@ def run_experts(
     """
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x, topk_weights = x.to(dtype), topk_weights.to(dtype)
+    # id -1 = "no expert" (hierarchical models pad with it): route the slot to expert 0 with weight 0,
+    # which adds exactly 0 and keeps every path free of host syncs.
+    none = topk_ids < 0
+    topk_ids, topk_weights = topk_ids.clamp(min=0), topk_weights.masked_fill(none, 0.0)
     gate_up, down = gate_up.to(dtype), down.to(dtype)
     if path == "grouped":
         if grouped_mm_usable(x, gate_up, down):

@@ -48,6 +48,13 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))  # (E, D)
         self.register_buffer("balance_bias", torch.zeros(n_experts))  # (E,) fp32, saved with the model
 
+    def _apply(self, fn, recurse=True):
+        # Keep the bias fp32 when the module is cast (e.g. .to(torch.bfloat16)): bf16 cannot hold
+        # 0.5 + 0.001, so the ±rate updates would silently vanish.
+        super()._apply(fn, recurse)
+        self.balance_bias.data = self.balance_bias.data.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> RoutingInfo:  # x: (T, D)
         logits = F.linear(x, self.weight).float()  # (T, E)
         probs = logits.softmax(dim=-1)

@@ -6,7 +6,6 @@ every time (a fresh loader with a fixed seed), so validation curves compare like
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 from moelab.data.loader import PackedLoader, TokenDataset
 from moelab.errors import MoelabError
+from moelab.train.device import autocast_for
 from moelab.train.telemetry import max_violation
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def make_val_loader(config) -> ValLoader | None:
 
 @torch.no_grad()
 def evaluate(model, val: ValLoader, max_batches: int, device, autocast=None) -> dict:
+    # default precision: as trained (autocast_for the model's train config: bf16 on GPU)
     """Mean token loss, perplexity, MaxVio_global per MoE layer, and loss per domain."""
     model.eval()
     n_domains = len(val.domain_names)
@@ -65,7 +66,7 @@ def evaluate(model, val: ValLoader, max_batches: int, device, autocast=None) -> 
     counts = None
     for batch in val.batches(max_batches):
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        with autocast or contextlib.nullcontext():
+        with autocast or autocast_for(model.config.train, torch.device(device)):
             out = model(input_ids)
         token_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.reshape(-1), reduction="none")
         loss_sum += token_loss.sum()

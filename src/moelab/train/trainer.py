@@ -8,7 +8,6 @@ host syncs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -29,6 +28,7 @@ from moelab.train.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
+from moelab.train.device import autocast_for, resolve_device
 from moelab.train.evaluate import evaluate, make_val_loader
 from moelab.train.loggers import Loggers
 from moelab.train.optim import build_optimizer, clip_grad_groups, load_balance_coef_at, lr_at
@@ -38,22 +38,6 @@ log = logging.getLogger(__name__)
 
 # Peak dense bf16 tensor throughput used for MFU, by GPU name fragment (FLOP/s).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12}
-
-
-def resolve_device(tc) -> torch.device:
-    if tc.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if tc.device == "cuda" and not torch.cuda.is_available():
-        raise MoelabError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-    return torch.device(tc.device)
-
-
-def autocast_for(tc, device: torch.device):
-    """bf16 autocast on GPU (auto or bf16); fp32 otherwise."""
-    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass
