@@ -1,5 +1,7 @@
 """`moelab new`: an experiment's own model file is what gets built, trained and saved."""
 
+import json
+
 import torch
 
 import moelab
@@ -51,3 +53,12 @@ def test_new_refuses_existing_dir_and_unknown_base(tmp_path, capsys):
     assert main(["new", "b", "--from", "nope", "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("moelab: error:") for line in err)
+
+
+def test_new_with_a_missing_config_is_an_error_and_params_reads_experiment_dirs(tmp_path, capsys):
+    assert main(["new", "x", "--config", str(tmp_path / "missing.yaml"), "--dir", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["new", "y", "--dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["params", str(tmp_path / "y"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] > 0

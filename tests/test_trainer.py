@@ -297,3 +297,25 @@ def test_tensorboard_logs_the_same_numbers_as_metrics_jsonl(tmp_path, data_dir):
     assert [s for s, _ in logged] == [s for s, _ in expected]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
     assert "train/layers/max_vio/0" in events.Tags()["scalars"]
+
+
+def test_resume_survives_a_torn_metrics_line_and_refuses_bad_overrides(tmp_path, data_dir):
+    run(tmp_path, data_dir, "torn", steps=2)
+    run_dir = tmp_path / "torn"
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"type": "train", "st')  # a process killed mid-write
+    saved = (run_dir / "config.yaml").read_text()
+    with pytest.raises(MoelabError, match="optimizer state"):  # other decay groups: refused, one line
+        config, _ = prepare_run(
+            run_dir / "config.yaml", ["train.no_decay=[]", "train.steps=3"], run_dir, True
+        )
+        train(config, run_dir, resume=True, progress=False)
+    assert (run_dir / "config.yaml").read_text() == saved  # the failed resume changed nothing
+    records = run(tmp_path, data_dir, "torn", resume=True, steps=3)
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
+
+
+def test_a_validation_split_smaller_than_a_batch_is_refused_before_training(tmp_path, data_dir):
+    with pytest.raises(MoelabError, match="fewer than batch_size"):
+        run(tmp_path, data_dir, "bigbatch", steps=1, batch_size=200)
+    assert not (tmp_path / "bigbatch" / "checkpoints").exists()

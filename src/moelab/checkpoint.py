@@ -35,6 +35,14 @@ def write_model(directory: Path, model: torch.nn.Module, config: Config | None =
     save_config(config, directory / CONFIG)
 
 
+def copy_tokenizer(tokenizer_json: Path, directory: Path) -> None:
+    """Copy a tokenizer.json, and the tokenizer_meta.json beside it (its eos/pad ids), into `directory`."""
+    shutil.copyfile(tokenizer_json, directory / TOKENIZER)
+    meta = Path(tokenizer_json).with_name("tokenizer_meta.json")
+    if meta.is_file():
+        shutil.copyfile(meta, directory / meta.name)
+
+
 def save_checkpoint(
     model: torch.nn.Module, out: str | Path, config: Config | None = None, tokenizer: Path | None = None
 ) -> Path:
@@ -43,7 +51,7 @@ def save_checkpoint(
     with atomic_dir(out) as tmp:
         write_model(tmp, model, config)
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+            copy_tokenizer(tokenizer, tmp)
     return out
 
 

@@ -185,7 +185,8 @@ def cmd_params(args) -> None:
 
     config = load_config(args.config, args.overrides)
     with torch.device("meta"):  # no memory: OLMoE-1B-7B is counted without allocating it
-        counts = build(config, base_dir=Path(args.config).parent).count_parameters()
+        source = Path(args.config)
+        counts = build(config, base_dir=source if source.is_dir() else source.parent).count_parameters()
     if args.json:
         print(json.dumps(counts))
     else:
@@ -259,6 +260,11 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from moelab.train.evaluate import evaluate, open_evaluation
 
+    for flag, value, low in (("--batches", args.batches, 0), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise MoelabError(f"{flag} {value} must be >= {low}")
+    if args.seq_len < 0:
+        raise MoelabError(f"--seq-len {args.seq_len} must be >= 0 (0 = the checkpoint's data.seq_len)")
     ckpt, model, val, device = open_evaluation(
         args.checkpoint, args.data, args.split, args.batch_size, args.seq_len
     )

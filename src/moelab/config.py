@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,8 +98,9 @@ class MoEConfig:
 
     def validate(self) -> None:
         for name in ("load_balance_coef", "z_loss_coef", "lflb_rate", "lflb_bias_clamp"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"moe.{name}={getattr(self, name)} must be >= 0")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):  # written so that NaN fails too
+                raise ConfigError(f"moe.{name}={value} must be a finite number >= 0")
 
 
 @dataclass
@@ -150,7 +152,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "grad_accum", "lr", "keep_last", "max_nonfinite", "log_every")
-        if self.min_lr < 0 or self.min_lr > self.lr:
+        _positive(self, "eps")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        for name in ("weight_decay", "clip_experts", "clip_rest"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} must be between 0 and train.lr={self.lr}")
         for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "save_every"):
             if getattr(self, name) < 0:
@@ -206,7 +215,10 @@ def read_yaml(path: Path) -> dict:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    from moelab.io import atomic_file
+
+    with atomic_file(path) as fh:
+        fh.write(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def to_dict(config: Any) -> dict:
@@ -223,7 +235,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # an empty YAML section (`train:`) reads as None
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = _parse_scalar(value.strip())
@@ -331,8 +345,8 @@ def _positive(section: Any, *names: str) -> None:
     prefix = SECTION_NAMES.get(type(section), type(section).__name__)
     for name in names:
         value = getattr(section, name)
-        if not value > 0:
-            raise ConfigError(f"{prefix}.{name}={value!r} must be > 0")
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{prefix}.{name}={value!r} must be a finite number > 0")
 
 
 SECTION_NAMES = {ModelConfig: "model", MoEConfig: "moe", DataConfig: "data", TrainConfig: "train"}

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     from moelab.config import load_config
 
-    overrides = [f"train.steps={args.steps}"] if args.steps else []
-    steps = load_config(CONFIG, overrides).train.steps
+    steps = args.steps or load_config(CONFIG).train.steps
+    overrides = [f"train.steps={steps}"]  # also on resume: the run's saved config may hold another length
     corpus, tok, tokens = DATA / "corpus", DATA / "tokenizer", DATA / "tokens"
     trace, ctx, report = RUN / "trace", RUN / "trace-contextual", RUN / "report.html"
 

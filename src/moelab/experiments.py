@@ -12,6 +12,7 @@ from pathlib import Path
 
 from moelab.config import load_config, save_config
 from moelab.errors import MoelabError
+from moelab.io import atomic_dir
 from moelab.models import ARCHITECTURES, model_module
 
 
@@ -25,9 +26,9 @@ def new_experiment(name: str, base: str, config_path: Path, parent: Path) -> Pat
     out = parent / name
     if out.exists():
         raise MoelabError(f"{out} already exists; choose another name or delete it")
-    config = load_config(config_path if config_path.is_file() else None)
+    config = load_config(config_path)  # a missing --config is an error, not silent OLMoE-size defaults
     config.model.arch = "model.py"
-    out.mkdir(parents=True)
-    shutil.copyfile(model_module(base).__file__, out / "model.py")
-    save_config(config, out / "config.yaml")
+    with atomic_dir(out, replace=False) as tmp:
+        shutil.copyfile(model_module(base).__file__, tmp / "model.py")
+        save_config(config, tmp / "config.yaml")
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moelab.checkpoint import TOKENIZER, WEIGHTS, load_weights, write_model
+from moelab.checkpoint import WEIGHTS, copy_tokenizer, load_weights, write_model
 from moelab.errors import MoelabError
 from moelab.io import atomic_dir, atomic_file
 
@@ -53,7 +53,7 @@ def save_training_checkpoint(
     with atomic_dir(out) as tmp:
         write_model(tmp, model, config)
         if tokenizer is not None and tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+            copy_tokenizer(tokenizer, tmp)
         torch.save(train_state, tmp / STATE)
     with atomic_file(ckpt_root / "latest") as fh:
         fh.write(out.name + "\n")

@@ -25,6 +25,7 @@ class ValLoader:
 
     def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0):
         self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
+        PackedLoader(dataset, seq_len, batch_size, seed=seed)  # refuse a too-small split now, not later
 
     def batches(self, max_batches: int):
         loader = PackedLoader(
@@ -42,21 +43,23 @@ class ValLoader:
         return list(self.dataset.domain_names)
 
 
-def make_val_loader(config) -> ValLoader | None:
+def make_val_loader(config, splits) -> ValLoader | None:
+    """The validation loader of a run; None (with a warning) when `splits` (the data's) lack it."""
     dc, tc = config.data, config.train
-    try:
-        dataset = TokenDataset(dc.path, dc.val_split)
-    except MoelabError as e:
-        log.warning("no validation data (%s); validation is skipped", e)
+    if dc.val_split not in splits:  # a damaged split is an error (TokenDataset says which file)
+        log.warning("%s has no '%s' split; validation is skipped", dc.path, dc.val_split)
         return None
+    dataset = TokenDataset(dc.path, dc.val_split)
     seq_len = min(dc.seq_len, max(1, dataset.n_tokens - 1))
     return ValLoader(dataset, seq_len, tc.batch_size, seed=tc.seed)
 
 
 @torch.no_grad()
 def evaluate(model, val: ValLoader, max_batches: int, device, autocast=None) -> dict:
-    # default precision: as trained (autocast_for the model's train config: bf16 on GPU)
-    """Mean token loss, perplexity, MaxVio_global per MoE layer, and loss per domain."""
+    """Mean token loss, perplexity, MaxVio_global per MoE layer, and loss per domain.
+
+    autocast None = the precision the model was trained in (bf16 autocast on GPU, fp32 on CPU).
+    """
     model.eval()
     n_domains = len(val.domain_names)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from moelab.errors import MoelabError
+from moelab.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +20,8 @@ class MetricsFile:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [
-                ln
-                for ln in path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            with atomic_file(path) as fh:
+                fh.writelines(line + "\n" for line in _records_up_to(path, resume_step))
         elif resume_step is None and path.exists():
             path.unlink()
         self.fh = open(path, "a")  # noqa: SIM115 (held open for the whole run, closed by close())
@@ -34,6 +32,20 @@ class MetricsFile:
 
     def close(self) -> None:
         self.fh.close()
+
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """Lines of metrics.jsonl with step <= `step`; a torn last line (a killed run) is dropped."""
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d is not JSON (a run killed mid-write?); dropped", path, number)
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    return kept
 
 
 def _scalars(record: dict, prefix: str = ""):
@@ -65,7 +77,9 @@ class Loggers:
                 raise MoelabError(
                     "train.tensorboard=true needs tensorboard: pip install 'moelab[logging]'"
                 ) from None
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # on resume, events after the resumed step are dropped, as in metrics.jsonl
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         if tc.wandb:
             try:
                 import wandb
@@ -74,12 +88,15 @@ class Loggers:
             from moelab.config import to_dict
 
             os.environ.setdefault("WANDB_DIR", str(run_dir))
+            id_file = run_dir / "wandb_id"  # one W&B run per run directory, reused only by --resume
+            if resume_step is None or not id_file.is_file():
+                id_file.write_text(uuid.uuid4().hex[:16] + "\n")
             self.wandb = wandb.init(
                 project=tc.wandb_project,
                 name=run_dir.name,
                 config=to_dict(config),
                 resume="allow",
-                id=run_dir.name,
+                id=id_file.read_text().strip(),
             )
 
     def log(self, record: dict) -> None:

@@ -1,4 +1,4 @@
-"""Cheap per-step routing statistics, computed on device and read back in one transfer.
+"""Cheap per-step routing statistics, computed on device (the trainer reads them back in one transfer).
 
 Per MoE layer: expert token counts, MaxVio = max(load)/mean(load) − 1, mean router entropy (nats)
 over real tokens, and the range of the loss-free balancing bias.

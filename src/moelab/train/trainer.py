@@ -1,15 +1,15 @@
 """`moelab train`: the training loop, with exact resume, telemetry and clean interruption.
 
 One optimizer step = `grad_accum` micro-batches. After the step, the loss-free balancing biases
-move from the expert counts summed over those micro-batches (padding excluded). All per-step
-numbers are gathered on device and read back in one transfer, so telemetry costs no per-expert
-host syncs.
+move from the expert counts summed over those micro-batches (padding excluded). The numbers a
+step needs (loss terms, gradient norms, finiteness) come back in one host transfer; a logged step
+adds one more for all per-layer telemetry, so there are no per-expert host syncs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from moelab.checkpoint import TOKENIZER
 from moelab.config import Config, load_config, save_config
 from moelab.data.loader import PackedLoader, TokenDataset
+from moelab.data.tokenizer import load_tokenizer
 from moelab.errors import MoelabError
 from moelab.models import build
 from moelab.train.checkpoint import (
@@ -85,8 +87,9 @@ def prepare_run(config_path: str | Path, overrides: list[str], out: Path | None,
     arch = Path(config.model.arch)
     if arch.suffix == ".py" and not arch.is_absolute() and not resume:
         config.model.arch = str((config_dir / arch).resolve())  # an experiment's model file
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
+    if out.exists() and not out.is_dir():
+        raise MoelabError(f"--out {out} is a file; give a directory for the run")
+    out.mkdir(parents=True, exist_ok=True)  # config.yaml is written by train(), once the run starts
     return config, out
 
 
@@ -106,10 +109,10 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     if train_data.eos_id != config.model.eos_token_id:
         raise MoelabError(
             f"{dc.path} separates documents with eos id {train_data.eos_id} but model.eos_token_id is "
-            f"{config.model.eos_token_id}; set --set model.eos_token_id={train_data.eos_id}"
+            f"{config.model.eos_token_id}; pass --set model.eos_token_id={train_data.eos_id}"
         )
     loader = PackedLoader(train_data, dc.seq_len, tc.batch_size, seed=tc.seed)
-    val_loader = make_val_loader(config)
+    val_loader = make_val_loader(config, train_data.metadata["splits"])
 
     model = build(config).to(device)
     if tc.activation_checkpointing:
@@ -127,12 +130,20 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         state = load_training_checkpoint(ckpt, model, device)  # replaces the parameter tensors
     optimizer = build_optimizer(model, tc, device)  # so the optimizer is built after loading
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if (ckpt / TOKENIZER).is_file():
+            train_data.check_tokenizer(load_tokenizer(ckpt / TOKENIZER).hash)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:
+            raise MoelabError(
+                f"{ckpt}: optimizer state does not fit this config ({e}); keep train.no_decay"
+            ) from None
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         nonfinite_streak = state.get("nonfinite_streak", 0)
         log.info("resumed from %s at step %d", ckpt, step)
+    save_config(config, run_dir / "config.yaml")  # only now: a resume with bad overrides changes nothing
     forward = torch.compile(model) if tc.compile else model
     loggers = Loggers(run_dir, config, resume_step=step if resume else None)
     counts = model.count_parameters()
@@ -157,14 +168,17 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     bar = _progress(tc.steps, step, progress)
     record: dict = {}
     model.train()
-    with _SignalGuard() as stop:
+    with contextlib.ExitStack() as cleanup, _SignalGuard() as stop:
+        cleanup.callback(loggers.close)
+        cleanup.callback(bar.close)
         while step < tc.steps:
             t0 = time.perf_counter()
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             lb_coef = load_balance_coef_at(step, config.moe.load_balance_coef, tc.load_balance_decay_steps)
-            sums, step_counts, n_tokens, routing = None, None, 0, None
+            logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+            sums, step_counts, entropy, n_tokens = None, None, 0.0, 0
             for _ in range(tc.grad_accum):
                 batch = next(loader)
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
@@ -180,7 +194,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 c = out.expert_counts.detach()
                 step_counts = c if step_counts is None else step_counts + c
                 n_tokens += labels.numel()
-                routing = out.routing
+                if logging_step:  # packed windows have no padding: every token is valid
+                    entropy = entropy + router_entropy(out.routing, None) / tc.grad_accum
             grad_norms = clip_grad_groups(model, tc.clip_experts, tc.clip_rest)
             finite = torch.isfinite(sums).all() & torch.isfinite(grad_norms).all()
             # one host transfer for the scalars every step needs (loss, norms, finiteness)
@@ -205,12 +220,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 )
                 if nonfinite_streak >= tc.max_nonfinite:
                     last = latest_checkpoint(run_dir)
-                    loggers.close()
                     raise MoelabError(
                         f"{nonfinite_streak} non-finite steps in a row at step {step}; stopped. Last good "
                         f"checkpoint: {last or 'none'}. Lower train.lr or check the data, then --resume"
                     )
-            elif step % tc.log_every == 0 or step == tc.steps:
+            elif logging_step:
                 names = ["loss", *out.losses.keys()]
                 record = {"type": "train", "step": step, **dict(zip(names, packed[: len(names)]))}
                 record.update(
@@ -223,13 +237,16 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                     tokens_per_s=n_tokens / dt,
                     step_time_s=dt,
                 )
-                # packed windows have no padding: every token is valid
-                stats = torch.stack([max_violation(step_counts), router_entropy(routing, None)], -1).tolist()
+                bias = balance_bias_range(model).to(step_counts.device)  # (L, 2)
+                per_layer = torch.cat(  # (L, E + 4), one more host transfer
+                    [step_counts, max_violation(step_counts)[:, None], entropy[:, None], bias], dim=1
+                ).tolist()
+                E = step_counts.shape[1]
                 record["layers"] = {
-                    "counts": step_counts.long().tolist(),
-                    "max_vio": [s[0] for s in stats],
-                    "router_entropy": [s[1] for s in stats],
-                    "bias_range": balance_bias_range(model).tolist(),
+                    "counts": [[int(c) for c in row[:E]] for row in per_layer],
+                    "max_vio": [row[E] for row in per_layer],
+                    "router_entropy": [row[E + 1] for row in per_layer],
+                    "bias_range": [row[E + 2 :] for row in per_layer],
                 }
                 if device.type == "cuda":
                     record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -240,18 +257,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             bar.set_postfix(loss=f"{packed[0]:.3f}", tok_s=f"{n_tokens / dt:,.0f}", refresh=False)
 
             last_step = step == tc.steps
-            if val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last_step):
-                val = evaluate(model, val_loader, tc.eval_batches, device, autocast_for(tc, device))
-                model.train()
-                loggers.log({"type": "val", "step": step, **val})
-                bar.write(f"step {step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.1f})")
             # periodic checkpoints only of good states (not inside a non-finite streak)
             periodic = tc.save_every and step % tc.save_every == 0 and nonfinite_streak == 0
             if periodic or last_step or stop.signal_name:
                 path = checkpoint(step)
                 if stop.signal_name:
-                    bar.close()
-                    loggers.close()
                     log.warning(
                         "%s received: saved %s. Resume with: moelab train %s --out %s --resume",
                         stop.signal_name,
@@ -260,8 +270,12 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                         run_dir,
                     )
                     return {"stopped": stop.signal_name, "step": step, "checkpoint": str(path)}
-    bar.close()
-    loggers.close()
+            # validation after the checkpoint, so a failing evaluation never costs the saved state
+            if val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last_step):
+                val = evaluate(model, val_loader, tc.eval_batches, device, autocast_for(tc, device))
+                model.train()
+                loggers.log({"type": "val", "step": step, **val})
+                bar.write(f"step {step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.1f})")
     return record
 
 
@@ -271,7 +285,3 @@ def _progress(total: int, start: int, enabled: bool):
     return tqdm(
         total=total, initial=start, desc="train", unit="step", disable=not enabled, dynamic_ncols=True
     )
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
