@@ -521,6 +521,7 @@ def test_cli(fake, tmp_path):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert main(["report", str(fake["run"]), "--trace", "a", "--trace", "b"]) == 2  # one per run
     assert main(["report", str(fake["run"]), "--trace", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert main(["report", str(fake["run"]), "--out", str(tmp_path)]) == 2  # a directory, not a file
 
 
 @pytest.mark.browser

@@ -107,10 +107,12 @@ def build_report(run_dirs, out: str | Path | None = None, traces=None, min_count
     if min_count < 1:
         raise MoelabError(f"min_count must be >= 1, got {min_count}")
     per_run = [[Path(p) for p in str(t).split(",") if p] for t in traces] or [[] for _ in paths]
+    out = Path(out) if out is not None else paths[0] / "report.html"
+    if out.is_dir():
+        raise MoelabError(f"--out {out} is a directory; give a file such as {out / 'report.html'}")
     t0 = time.perf_counter()
     runs = [load_run(p, name, t, min_count) for p, name, t in zip(paths, _run_names(paths), per_run)]
     page = render_html(runs)
-    out = Path(out) if out is not None else paths[0] / "report.html"
     with atomic_file(out, encoding="utf-8") as fh:
         fh.write(page)
     log.info("report of %d run(s) in %.1f s: %s", len(runs), time.perf_counter() - t0, out)
