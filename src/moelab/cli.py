@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, require_at_least
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -260,11 +260,9 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from moelab.train.evaluate import evaluate, open_evaluation
 
-    for flag, value, low in (("--batches", args.batches, 0), ("--batch-size", args.batch_size, 1)):
-        if value < low:
-            raise MoelabError(f"{flag} {value} must be >= {low}")
-    if args.seq_len < 0:
-        raise MoelabError(f"--seq-len {args.seq_len} must be >= 0 (0 = the checkpoint's data.seq_len)")
+    require_at_least(
+        ("--batches", args.batches, 0), ("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 0)
+    )
     ckpt, model, val, device = open_evaluation(
         args.checkpoint, args.data, args.split, args.batch_size, args.seq_len
     )

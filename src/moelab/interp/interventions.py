@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, require_at_least
 from moelab.moe.routing import RoutingInfo, TopKRouter
 
 log = logging.getLogger(__name__)
@@ -445,10 +445,11 @@ def cmd_ablate(args) -> None:
     from moelab.config import load_config
     from moelab.train.evaluate import open_evaluation
 
-    limits = [("--random-baselines", args.random_baselines, 0), ("--batches", args.batches, 0)]
-    for flag, value, low in [*limits, ("--batch-size", args.batch_size, 1)]:
-        if value < low:
-            raise MoelabError(f"{flag} {value} must be >= {low}")
+    require_at_least(
+        ("--random-baselines", args.random_baselines, 0),
+        ("--batches", args.batches, 0),
+        ("--batch-size", args.batch_size, 1),
+    )
     ckpt = resolve_checkpoint(args.checkpoint)
     if not (ckpt / CONFIG).is_file():
         raise MoelabError(f"checkpoint {ckpt} has no {CONFIG}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, require_at_least
 from moelab.io import atomic_dir
 from moelab.moe.routing import RoutingInfo
 from moelab.train.device import autocast_for
@@ -249,13 +249,9 @@ def trace(
 
     from moelab.data.tokenizer import load_tokenizer
 
-    for flag, value, low in (
-        ("--max-tokens", max_tokens, 0),
-        ("--seq-len", seq_len, 0),
-        ("--batch-size", batch_size, 1),
-    ):
-        if value < low:
-            raise MoelabError(f"{flag} {value} must be >= {low}")
+    require_at_least(
+        ("--max-tokens", max_tokens, 0), ("--seq-len", seq_len, 0), ("--batch-size", batch_size, 1)
+    )
     if contextual and (data is not None or max_tokens or seq_len):
         raise MoelabError(
             "--contextual traces the built-in contextual-token set; drop --data, --max-tokens, --seq-len"
