@@ -5,7 +5,7 @@ agree with transformers' per-expert loop on the output and on every gradient (fp
 counter on torch.nn.functional.grouped_mm proves which ones really ran grouped_mm (a silent fallback
 would otherwise be timed under the wrong name).
 
-  moelab loop | sorted | grouped   moelab.models.olmoe.MoE (TopKRouter + moelab.moe.dispatch.run_experts)
+  moelab loop | sorted | grouped   moelab.models.olmoe.MoE (TopKRouter + RoutedExperts with a LocalDispatcher)
   transformers eager               OlmoeSparseMoeBlock with experts_implementation="eager" (its loop)
   transformers grouped_mm          the same block with experts_implementation="grouped_mm"
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from moelab.config import ModelConfig, MoEConfig  # noqa: E402
 from moelab.io import atomic_file  # noqa: E402
 from moelab.models.olmoe import MoE  # noqa: E402
+from moelab.moe.experts import LocalDispatcher, set_dispatcher  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Impl:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
         if isinstance(self.module, MoE):
-            self.module.dispatch = self.setting
+            set_dispatcher(self.module, LocalDispatcher(self.setting))
             y, _ = self.module(x[None])
             return y[0]
         self.module.experts.config._experts_implementation = self.setting

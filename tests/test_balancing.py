@@ -288,3 +288,38 @@ def test_model_expert_counts_exclude_padding():
     with torch.no_grad():
         unmasked = model(ids)
     assert unmasked.expert_counts.sum().item() == 2 * 18 * 2
+
+
+# ----------------------------------------------------------------------------- weighting in one place
+
+
+def test_loss_coefficients_apply_the_schedule_and_the_architectures_own_coefficients():
+    from pathlib import Path
+
+    from moelab.config import load_config
+    from moelab.moe.losses import loss_coefficients, weighted_loss
+
+    arch = Path(__file__).parent / "archs" / "shared_router.py"
+    cfg = load_config(
+        None,
+        [f"model.arch={arch}", "model.router_norm_coef=0.5", "moe.load_balance_coef=0.01"]
+        + ["moe.z_loss_coef=0.002", "train.load_balance_decay_steps=100"],
+    )
+    assert loss_coefficients(cfg) == {"ce": 1.0, "load_balance": 0.01, "router_z": 0.002, "router_norm": 0.5}
+    assert loss_coefficients(cfg, step=25)["load_balance"] == pytest.approx(0.0075)
+    assert loss_coefficients(cfg, step=200)["load_balance"] == 0.0
+    terms = {"ce": torch.tensor(2.0), "load_balance": torch.tensor(1.5), "router_norm": torch.tensor(4.0)}
+    assert weighted_loss(terms, loss_coefficients(cfg, 25)).item() == pytest.approx(2.0 + 0.0075 * 1.5 + 2.0)
+    with pytest.raises(KeyError, match="router_offset_coef"):
+        weighted_loss({"router_offset": torch.tensor(1.0)}, loss_coefficients(cfg))
+
+
+def test_model_loss_is_the_weighted_sum_of_its_unweighted_terms():
+    from moelab.moe.losses import loss_coefficients, weighted_loss
+
+    model = _tiny_model("moe.load_balance_coef=0.3", "moe.z_loss_coef=0.07")
+    x = torch.randint(2, 128, (2, 6))
+    out = model(x, labels=x)
+    by_hand = out.losses["ce"] + 0.3 * out.losses["load_balance"] + 0.07 * out.losses["router_z"]
+    torch.testing.assert_close(out.loss, by_hand)
+    torch.testing.assert_close(weighted_loss(out.losses, loss_coefficients(model.config)), out.loss)

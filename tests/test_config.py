@@ -191,3 +191,55 @@ def test_load_config_accepts_dict_and_config_sources():
     again = load_config(cfg, ["model.top_k=2"])
     assert again.model.top_k == 2 and cfg.model.top_k == 4 and again.moe == cfg.moe
     assert isinstance(again.moe, MoEConfig)
+
+
+# ----------------------------------------------------------------------------- architecture-owned configs
+
+SHARED_ROUTER = str(ROOT / "tests" / "archs" / "shared_router.py")
+
+
+def test_the_model_section_is_parsed_against_the_architectures_own_dataclass():
+    cfg = load_config(None, [f"model.arch={SHARED_ROUTER}", "model.router_norm_coef=0.25", "model.top_k=2"])
+    assert type(cfg.model).__name__ == "SharedRouterConfig"
+    assert (
+        cfg.model.router_norm_coef == 0.25 and cfg.model.top_k == 2 and cfg.model.shared_router_scale == 1.0
+    )
+    assert type(load_config(None).model).__name__ == "OLMoEConfig"
+    assert type(Config().model).__name__ == "OLMoEConfig"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([f"model.arch={SHARED_ROUTER}", "model.router_norm_cof=1"], "did you mean model.router_norm_coef?"),
+        ([f"model.arch={SHARED_ROUTER}", "model.router_norm_coef=lots"], "model.router_norm_coef='lots'"),
+        (
+            [f"model.arch={SHARED_ROUTER}", "model.shared_router_scale=0"],
+            "shared_router_scale=0.0 must be > 0",
+        ),
+        (["model.router_norm_coef=1"], "unknown config key model.router_norm_coef"),  # not an olmoe field
+        (["model.arch=3"], "must be an architecture name or a path"),
+        (["model.arch=nope"], "neither a known architecture (olmoe) nor a model .py file"),
+        (["model.expert_widths=[0.5, 1.0, 2.0]"], "does not split into 3 equal groups"),
+        (["model.expert_widths=[0.5, 0.0]"], "entry 0.0 gives hidden width"),
+    ],
+)
+def test_architecture_fields_keep_typed_checks_and_one_line_errors(overrides, message):
+    assert message in _error(overrides)
+    assert "\n" not in _error(overrides)
+
+
+def test_a_model_file_without_model_class_or_with_a_broken_import_is_a_config_error(tmp_path):
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    assert "defines no `Model` class" in _error([f"model.arch={tmp_path / 'empty.py'}"])
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    assert "failed to import" in _error([f"model.arch={tmp_path / 'broken.py'}"])
+
+
+def test_a_relative_model_file_is_found_beside_the_config_and_saved_as_given(tmp_path):
+    (tmp_path / "model.py").write_text(Path(SHARED_ROUTER).read_text())
+    (tmp_path / "config.yaml").write_text("model:\n  arch: model.py\n  router_norm_coef: 0.5\n")
+    cfg = load_config(tmp_path)  # a directory: its config.yaml, model.py resolved beside it
+    assert cfg.model.router_norm_coef == 0.5 and cfg.model.arch == "model.py"
+    save_config(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg

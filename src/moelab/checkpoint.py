@@ -26,13 +26,26 @@ WEIGHTS, CONFIG, TOKENIZER, MODEL_FILE = "model.safetensors", "config.yaml", "to
 def write_model(directory: Path, model: torch.nn.Module, config: Config | None = None) -> None:
     """Write weights, config (and the model file of a user architecture) into an existing directory."""
     config = config or model.config
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = weights_to_save(model)
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "moelab": "1"})
     if config.model.arch not in ARCHITECTURES:  # an experiment's own model file travels with it
         source = Path(sys.modules[type(model).__module__].__file__)  # the file the model was built from
         shutil.copyfile(source, directory / MODEL_FILE)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=MODEL_FILE))
     save_config(config, directory / CONFIG)
+
+
+def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors. A module shared by several layers (e.g. one router
+    for all layers) appears under each of its names; safetensors refuses aliased tensors, so every
+    name after the first gets its own copy (loading assigns the same values to the one module)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().contiguous().cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        state[name] = t.clone() if key in seen else t
+        seen.add(key)
+    return state
 
 
 def copy_tokenizer(tokenizer_json: Path, directory: Path) -> None:

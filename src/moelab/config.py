@@ -2,8 +2,13 @@
 
 A config file is YAML with one section per dataclass below (`model`, `moe`, ...). Every value is
 checked against its field's type; unknown keys are refused with a did-you-mean; `validate()` checks
-relations between fields. Errors are `ConfigError`s whose message names the field, the bad value and
-what is allowed, so the CLI can print them as one line.
+relations between fields.
+
+The `model:` section belongs to the architecture: `model.arch` is resolved first, then the section is
+parsed against that architecture's own config dataclass (a subclass of `ModelConfig` declared in its
+model file as `Model.config_class`), so a new field lives next to the code that uses it. Errors are
+`ConfigError`s whose message names the field, the bad value and what is allowed, so the CLI can print
+them as one line.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init of every matrix
     init: Literal["normal", "truncated_normal"] = "normal"  # truncated at ±3 std
     attention: Literal["sdpa", "eager"] = "sdpa"  # eager is the readable reference
+    expert_widths: list[float] = field(default_factory=list)  # mixed widths: int(r·d_expert) per equal group
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +87,19 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
                 raise ConfigError(f"model.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+        if self.expert_widths:
+            widths = self.expert_widths
+            if self.n_experts % len(widths):
+                raise ConfigError(
+                    f"model.expert_widths has {len(widths)} groups but model.n_experts={self.n_experts} "
+                    f"does not split into {len(widths)} equal groups; give a divisor of n_experts entries"
+                )
+            bad = [r for r in widths if not (math.isfinite(r) and int(r * self.d_expert) >= 1)]
+            if bad:
+                raise ConfigError(
+                    f"model.expert_widths entry {bad[0]} gives hidden width int({bad[0]}*{self.d_expert}) "
+                    f"< 1; widths are positive fractions of model.d_expert"
+                )
 
 
 @dataclass
@@ -170,7 +189,7 @@ class TrainConfig:
 class Config:
     """A whole experiment: one section per dataclass above."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: default_model_config())  # the arch's own subclass
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -183,11 +202,24 @@ class Config:
         return self
 
 
+def default_model_config() -> ModelConfig:
+    """The `model:` section of the default architecture (olmoe), imported late: models import this module."""
+    from moelab.models import config_class
+
+    return config_class(ModelConfig.arch)()
+
+
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(source: str | Path | dict | Config | None = None, overrides: list[str] = ()) -> Config:
-    """Config from a YAML path, a dict or a Config, with `a.b=c` overrides applied, validated."""
+def load_config(
+    source: str | Path | dict | Config | None = None, overrides: list[str] = (), base_dir: Path | None = None
+) -> Config:
+    """Config from a YAML path, a dict or a Config, with `a.b=c` overrides applied, validated.
+
+    A `model.arch` that is a relative path to a model file is found from `base_dir` (default: the
+    config file's directory).
+    """
     if isinstance(source, Config):
         data = to_dict(source)
     elif isinstance(source, dict):
@@ -195,9 +227,30 @@ def load_config(source: str | Path | dict | Config | None = None, overrides: lis
     elif source is None:
         data = {}
     else:
-        data = read_yaml(Path(source))
+        path = Path(source)
+        data = read_yaml(path)
+        if base_dir is None:
+            base_dir = path if path.is_dir() else path.parent
     data = apply_overrides(data, overrides)
-    return from_dict(Config, data).validate()
+    return config_from_dict(data, base_dir).validate()
+
+
+def config_from_dict(data: dict, base_dir: Path | None = None) -> Config:
+    """Build a Config; the `model:` section is parsed against its architecture's own dataclass."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {data!r}")
+    data = dict(data)
+    model = data.pop("model", None) or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a mapping, got {model!r}")
+    arch = model.get("arch", ModelConfig.arch)
+    if not isinstance(arch, str):
+        raise ConfigError(f"model.arch={arch!r} must be an architecture name or a path to a model .py file")
+    from moelab.models import config_class  # the registry imports this module: import it late
+
+    config = from_dict(Config, data)
+    config.model = from_dict(config_class(arch, base_dir), model, "model.")
+    return config
 
 
 def read_yaml(path: Path) -> dict:
@@ -342,7 +395,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def _positive(section: Any, *names: str) -> None:
-    prefix = SECTION_NAMES.get(type(section), type(section).__name__)
+    prefix = next((n for cls, n in SECTION_NAMES.items() if isinstance(section, cls)), type(section).__name__)
     for name in names:
         value = getattr(section, name)
         if not (value > 0 and math.isfinite(value)):
@@ -353,28 +406,42 @@ SECTION_NAMES = {ModelConfig: "model", MoEConfig: "moe", DataConfig: "data", Tra
 
 
 def reference_markdown() -> str:
-    """The config reference (docs/TRAINING.md): every field with its type, default and comment.
+    """The config reference (docs/TRAINING.md): every field with its type, default and comment, then
+    each built-in architecture's own `model:` fields.
 
     Read from the dataclasses' own source, so the docs cannot drift (a test compares them).
     """
-    import inspect
-    import re
+    from moelab.models import ARCHITECTURES, config_class
 
     lines = []
     for cls, section in SECTION_NAMES.items():
         lines += [f"### `{section}`", "", (cls.__doc__ or "").strip(), ""]
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        comments = {}
-        for src_line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", src_line)
-            if m:
-                comments[m.group(1)] = (m.group(2) or "").strip()
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tp = hints[f.name]
-            tp_name = " \\| ".join(map(str, typing.get_args(tp))) if typing.get_origin(tp) is Literal else tp
-            tp_name = getattr(tp_name, "__name__", str(tp_name)).replace("typing.", "")
-            lines.append(f"| `{section}.{f.name}` | {tp_name} | `{default}` | {comments.get(f.name, '')} |")
-        lines.append("")
+        lines += _field_table(cls, section, dataclasses.fields(cls))
+    for arch in ARCHITECTURES:
+        cls = config_class(arch)
+        base = {f.name for f in dataclasses.fields(ModelConfig)}
+        own = [f for f in dataclasses.fields(cls) if f.name not in base]
+        lines += [f"### `model` fields of `arch: {arch}`", "", (cls.__doc__ or "").strip(), ""]
+        lines += _field_table(cls, "model", own) if own else []
     return "\n".join(lines)
+
+
+def _field_table(cls: type, section: str, fields) -> list[str]:
+    import inspect
+    import re
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    comments = {}
+    for src_line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", src_line)
+        if m:
+            comments[m.group(1)] = (m.group(2) or "").strip()
+    hints = typing.get_type_hints(cls)
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp = hints[f.name]
+        tp_name = " \\| ".join(map(str, typing.get_args(tp))) if typing.get_origin(tp) is Literal else tp
+        tp_name = getattr(tp_name, "__name__", str(tp_name)).replace("typing.", "")
+        lines.append(f"| `{section}.{f.name}` | {tp_name} | `{default}` | {comments.get(f.name, '')} |")
+    lines.append("")
+    return lines

@@ -208,6 +208,11 @@ def check_exportable(config: Config) -> None:
         )
     if not cfg.qk_norm:
         raise MoelabError("model.qk_norm=false: transformers' OLMoE always applies q/k norms; cannot convert")
+    if cfg.expert_widths and len(set(int(r * cfg.d_expert) for r in cfg.expert_widths)) > 1:
+        raise MoelabError(
+            f"model.expert_widths={cfg.expert_widths}: transformers' OLMoE has experts of one width only, "
+            f"so this model cannot be converted"
+        )
 
 
 def _check_no_balance_bias(state: dict[str, torch.Tensor], n_layers: int) -> None:

@@ -1,18 +1,21 @@
 """Routing interventions: remove experts, drop top-k ranks or force a routing, without editing the model.
 
-`intervene(model, ...)` is a context manager. Inside it, every MoE layer's `TopKRouter` has a forward
-hook that replaces the router's `RoutingInfo` with the intervened one; the MoE block dispatches what
-the hook returns, so `out.routing` (and `out.expert_counts`) show exactly what was dispatched. On exit,
-also after an exception, the hooks are removed and the model is what it was: no weight or buffer is
-ever written. Layers are numbered among MoE layers, as in `out.routing`; k = top_k; rank (slot) 0 is
-the expert with the highest selection score.
+`intervene(model, ...)` is a context manager. Inside it, every router that `model.routers()` lists
+(the router protocol of moelab.moe.routing; any architecture) has a forward hook that replaces its
+`RoutingInfo` with the intervened one; the MoE block dispatches what the hook returns, so
+`out.routing` (and `out.expert_counts`) show exactly what was dispatched. A router shared by several
+layers gets one hook that knows which layer each call serves (calls are counted from the start of
+each model forward). On exit, also after an exception, the hooks are removed and the model is what
+it was: no weight or buffer is ever written. Layers are numbered among MoE layers, as in
+`out.routing`; k = top_k; rank (slot) 0 is the expert with the highest selection score.
 
 Semantics
 ---------
 remove={layer: [expert, ...]}
-    The listed experts cannot be selected at that layer. Selection is redone from the router's own
-    selection scores (softmax probabilities with lflb_bias_on="scores", logits with "logits", plus the
-    loss-free balancing bias: the same scores the router ranks) with the removed experts at -inf, so
+    The listed experts cannot be selected at that layer. Selection is redone by the router's own
+    `select`: for TopKRouter from its selection scores (softmax probabilities with
+    lflb_bias_on="scores", logits with "logits", plus the loss-free balancing bias: the same scores
+    the router ranks) with the removed experts excluded, so
     each token goes to its next choices. Mixing weights stay the unbiased softmax probabilities (over
     all E experts) of the experts chosen, renormalised over the k chosen only when the router has
     norm_topk_prob, exactly as the router weighs its own choices. At least k experts must remain.
@@ -50,7 +53,7 @@ import torch
 from torch import nn
 
 from moelab.errors import MoelabError, require_at_least
-from moelab.moe.routing import RoutingInfo, TopKRouter
+from moelab.moe.routing import RoutingInfo
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +82,23 @@ class Intervention:
         }
 
 
-def moe_routers(model: nn.Module) -> list[TopKRouter]:
-    """The TopKRouter of each MoE layer, in the order of `out.routing`."""
-    if hasattr(model, "moe_layers"):
-        routers = [getattr(layer, "router", None) for layer in model.moe_layers]
-    else:
-        routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
-    if not routers or not all(isinstance(r, TopKRouter) for r in routers):
+def moe_routers(model: nn.Module) -> list[nn.Module]:
+    """The router of each MoE layer, in the order of `out.routing` (`model.routers()`), checked against
+    the router protocol (moelab.moe.routing)."""
+    if not callable(getattr(model, "routers", None)):
         raise MoelabError(
-            f"{type(model).__name__} has no TopKRouter per MoE layer; interventions need moelab's router"
+            f"{type(model).__name__} has no routers() method; interventions need moelab's router hook point"
         )
-    if len({id(r) for r in routers}) != len(routers):
-        raise MoelabError(
-            f"{type(model).__name__} shares a router between layers; interventions need one each"
-        )
+    routers = list(model.routers())
+    if not routers:
+        raise MoelabError(f"{type(model).__name__} has no MoE layers to intervene on")
+    for r in routers:
+        missing = [a for a in ("n_experts", "top_k", "select") if not hasattr(r, a)]
+        if missing:
+            raise MoelabError(
+                f"router {type(r).__name__} lacks {', '.join(missing)}; see the router protocol in "
+                f"moelab.moe.routing"
+            )
     return routers
 
 
@@ -153,7 +159,7 @@ def _layer_shape(shapes: list[tuple[int, int]], layer, name: str) -> tuple[int, 
     return shapes[index]
 
 
-def _shapes(routers: list[TopKRouter]) -> list[tuple[int, int]]:
+def _shapes(routers: list[nn.Module]) -> list[tuple[int, int]]:
     return [(r.n_experts, r.top_k) for r in routers]
 
 
@@ -161,7 +167,7 @@ def _shapes(routers: list[TopKRouter]) -> list[tuple[int, int]]:
 
 
 def reroute(
-    router: TopKRouter,
+    router: nn.Module,
     routing: RoutingInfo,
     remove: tuple[int, ...] = (),
     force: int | None = None,
@@ -170,26 +176,14 @@ def reroute(
 ) -> RoutingInfo:
     """The routing `router` produces under the intervention, from its own output (see module docstring)."""
     ids, weights = routing.topk_ids, routing.topk_weights  # (T, k), (T, k)
-    k = router.top_k
     if remove or force is not None:
         logits = routing.router_logits  # (T, E) fp32, unbiased
-        probs = logits.softmax(dim=-1)
-        scores = (probs if router.bias_on == "scores" else logits) + router.balance_bias  # selection scores
-        excluded = list(remove) + ([force] if force is not None else [])
-        scores = scores.index_fill(1, torch.tensor(excluded, device=scores.device), float("-inf"))
-        if force is None:
-            ids = torch.topk(scores, k, dim=-1).indices  # (T, k)
-        else:
-            rest = torch.topk(scores, k - 1, dim=-1).indices  # (T, k-1)
-            first = torch.full((rest.shape[0], 1), force, dtype=rest.dtype, device=rest.device)
-            ids = torch.cat([first, rest], dim=1)  # (T, k)
-        w = probs.gather(1, ids)
-        if router.norm_topk_prob:
-            w = w / w.sum(dim=-1, keepdim=True)
+        exclude = torch.tensor(remove, dtype=torch.long, device=logits.device)
+        ids, w = router.select(logits, exclude=exclude, force=force)
         weights = w.to(routing.topk_weights.dtype)
     if drop_ranks:
         w = weights.float()
-        keep = torch.ones(k, device=w.device)
+        keep = torch.ones(w.shape[1], device=w.device)
         keep[list(drop_ranks)] = 0.0
         kept = w * keep  # (T, k)
         if renormalize:
@@ -215,17 +209,31 @@ def intervene(
     """
     routers = moe_routers(model)
     spec = make_intervention(_shapes(routers), remove, drop_ranks, renormalize, force)
-    handles = []
+    layers_of: dict[int, list[int]] = {}  # router module -> the MoE layers it serves, in call order
+    for layer, router in enumerate(routers):
+        layers_of.setdefault(id(router), []).append(layer)
+    calls = dict.fromkeys(layers_of, 0)
+
+    def reset_calls(module, args, kwargs):
+        for key in calls:
+            calls[key] = 0
+
+    def hook(module, inputs, output):
+        layers = layers_of[id(module)]
+        layer = layers[calls[id(module)] % len(layers)]
+        calls[id(module)] += 1
+        removed, forced = spec.remove.get(layer, ()), spec.force.get(layer)
+        if not (removed or forced is not None or spec.drop_ranks):
+            return None  # this layer keeps the router's output untouched
+        return reroute(module, output, removed, forced, spec.drop_ranks, spec.renormalize)
+
+    handles = [model.register_forward_pre_hook(reset_calls, with_kwargs=True)]
     try:
         for layer, router in enumerate(routers):
-            removed, forced = spec.remove.get(layer, ()), spec.force.get(layer)
-            if not (removed or forced is not None or spec.drop_ranks):
-                continue
-
-            def hook(module, inputs, output, removed=removed, forced=forced):
-                return reroute(module, output, removed, forced, spec.drop_ranks, spec.renormalize)
-
-            handles.append(router.register_forward_hook(hook))
+            if layers_of[id(router)][0] != layer:
+                continue  # a shared router is hooked once
+            if any(spec.remove.get(i) or i in spec.force for i in layers_of[id(router)]) or spec.drop_ranks:
+                handles.append(router.register_forward_hook(hook))
         yield spec
     finally:
         for handle in handles:

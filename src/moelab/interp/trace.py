@@ -90,7 +90,7 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
     tok = ckpt / TOKENIZER
     return Router(
         route=route,
-        n_layers=len(model.moe_layers) if hasattr(model, "moe_layers") else cfg.model.n_layers,
+        n_layers=len(model.routers()),
         n_experts=cfg.model.n_experts,
         top_k=cfg.model.top_k,
         vocab_size=cfg.model.vocab_size,

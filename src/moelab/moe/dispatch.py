@@ -1,25 +1,46 @@
-"""Running the routed experts: three interchangeable paths with identical results.
+"""Expert kernels: three interchangeable ways to run routed experts on one device, identical results.
 
-Every path computes, for each token t and each of its k slots,
+Every kernel computes, for each token t and each of its k slots,
     out[t] += w[t, slot] · down_e( silu(x[t] @ gate_e) * (x[t] @ up_e) ),   e = topk_ids[t, slot]
-with stacked expert weights gate_up (E, D, 2I) = [gate | up] and down (E, I, D).
+The experts come as `ExpertGroup`s: consecutive experts that share one hidden width I, stacked as
+gate_up (n, D, 2I) = [gate | up] and down (n, I, D). Equal-width experts are one group; mixed widths
+(`model.expert_widths`) are one group per width.
 
   loop     readable reference: one select + matmul + weighted index_add per expert.
   sorted   sort the (token, slot) pairs by expert once, run one contiguous chunk per expert.
-  grouped  the same sorted layout through torch.nn.functional.grouped_mm: no host sync at all.
+  grouped  the same sorted layout through torch.nn.functional.grouped_mm, one call per group: no host
+           sync with one group; one per layer with several (the row count of each group).
 
-All paths are differentiable in x, the weights and the mixing weights (so the router learns).
+All kernels are differentiable in x, the weights and the mixing weights (so the router learns).
+Dispatchers (moe/experts.py) choose the kernel; this module knows nothing of devices or ranks.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from moelab.models.layers import swiglu
+
 log = logging.getLogger(__name__)
 PATHS = ("loop", "sorted", "grouped")
+__all__ = ["PATHS", "ExpertGroup", "run_experts", "run_expert_groups", "swiglu"]
+
+
+@dataclass
+class ExpertGroup:
+    """Experts first .. first + n - 1, all of one hidden width I."""
+
+    first: int
+    gate_up: torch.Tensor  # (n, D, 2I) = [gate | up]
+    down: torch.Tensor  # (n, I, D)
+
+    @property
+    def n(self) -> int:
+        return self.gate_up.shape[0]
 
 
 def run_experts(
@@ -30,43 +51,48 @@ def run_experts(
     down: torch.Tensor,
     path: str = "grouped",
 ) -> torch.Tensor:
+    """Equal-width experts stacked as gate_up (E, D, 2I), down (E, I, D); see run_expert_groups."""
+    return run_expert_groups(x, topk_ids, topk_weights, [ExpertGroup(0, gate_up, down)], path)
+
+
+def run_expert_groups(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    groups: list[ExpertGroup],
+    path: str = "grouped",
+) -> torch.Tensor:
     """x: (T, D), topk_ids: (T, k) long, topk_weights: (T, k) -> (T, D) in the compute dtype.
 
     Under autocast (bf16 on GPU) everything is cast to the autocast dtype first: grouped_mm is not an
     autocast op, and index_add needs one dtype for the expert outputs and the mixing weights.
     """
+    if path not in PATHS:
+        raise ValueError(f"unknown dispatch path {path!r}; choose one of {', '.join(PATHS)}")
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x, topk_weights = x.to(dtype), topk_weights.to(dtype)
     # id -1 = "no expert" (hierarchical models pad with it): route the slot to expert 0 with weight 0,
     # which adds exactly 0 and keeps every path free of host syncs.
     none = topk_ids < 0
     topk_ids, topk_weights = topk_ids.clamp(min=0), topk_weights.masked_fill(none, 0.0)
-    gate_up, down = gate_up.to(dtype), down.to(dtype)
+    groups = [ExpertGroup(g.first, g.gate_up.to(dtype), g.down.to(dtype)) for g in groups]
     if path == "grouped":
-        if grouped_mm_usable(x, gate_up, down):
-            return experts_grouped(x, topk_ids, topk_weights, gate_up, down)
+        if all(grouped_mm_usable(x, g.gate_up, g.down) for g in groups):
+            return experts_grouped(x, topk_ids, topk_weights, groups)
         path = "sorted"
     if path == "sorted":
-        return experts_sorted(x, topk_ids, topk_weights, gate_up, down)
-    if path == "loop":
-        return experts_loop(x, topk_ids, topk_weights, gate_up, down)
-    raise ValueError(f"unknown dispatch path {path!r}; choose one of {', '.join(PATHS)}")
+        return experts_sorted(x, topk_ids, topk_weights, groups)
+    return experts_loop(x, topk_ids, topk_weights, groups)
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One expert (or a dense MLP): down(silu(gate(x)) * up(x)). gate_up: (D, 2I), down: (I, D)."""
-    gate, up = (x @ gate_up).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ down
-
-
-def experts_loop(x, topk_ids, topk_weights, gate_up, down):
+def experts_loop(x, topk_ids, topk_weights, groups):
     out = torch.zeros_like(x)
-    # unbind once: indexing gate_up[e] per expert makes backward build a full-size zero gradient each time
-    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
-    for e in range(gate_up.shape[0]):
-        token_idx, slot = torch.where(topk_ids == e)  # tokens routed to e, and in which of their k slots
-        y = swiglu(x[token_idx], gate_ups[e], downs[e])  # (n_e, D)
-        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None])
+    for g in groups:
+        # unbind once: indexing gate_up[e] per expert makes backward build a full-size zero gradient each time
+        for j, (gate_up, down) in enumerate(zip(g.gate_up.unbind(0), g.down.unbind(0))):
+            token_idx, slot = torch.where(topk_ids == g.first + j)  # tokens routed here, and in which slot
+            y = swiglu(x[token_idx], gate_up, down)  # (n_e, D)
+            out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None])
     return out
 
 
@@ -78,25 +104,34 @@ def _sort_by_expert(topk_ids: torch.Tensor, n_experts: int):
     return order, counts
 
 
-def experts_sorted(x, topk_ids, topk_weights, gate_up, down):
+def experts_sorted(x, topk_ids, topk_weights, groups):
     k = topk_ids.shape[1]
-    order, counts = _sort_by_expert(topk_ids, gate_up.shape[0])
+    order, counts = _sort_by_expert(topk_ids, sum(g.n for g in groups))
     token_idx = order // k  # (T·k,) token of each sorted pair
     chunks = torch.split(x[token_idx], counts.tolist())  # one host sync per layer
-    experts = zip(chunks, gate_up.unbind(0), down.unbind(0))
-    y = torch.cat([swiglu(c, gu, dn) for c, gu, dn in experts])  # (T·k, D)
+    weights = [(gu, dn) for g in groups for gu, dn in zip(g.gate_up.unbind(0), g.down.unbind(0))]
+    y = torch.cat([swiglu(c, gu, dn) for c, (gu, dn) in zip(chunks, weights)])  # (T·k, D)
     y = y * topk_weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token_idx, y)
 
 
-def experts_grouped(x, topk_ids, topk_weights, gate_up, down):
+def experts_grouped(x, topk_ids, topk_weights, groups):
     k = topk_ids.shape[1]
-    order, counts = _sort_by_expert(topk_ids, gate_up.shape[0])
+    order, counts = _sort_by_expert(topk_ids, sum(g.n for g in groups))
     token_idx = order // k
-    offs = torch.cumsum(counts, dim=0).to(torch.int32)  # (E,) end of each expert's rows
-    h = _contiguous_grad(F.grouped_mm(x[token_idx], gate_up, offs=offs))  # (T·k, 2I)
-    gate, up = h.chunk(2, dim=-1)
-    y = _contiguous_grad(F.grouped_mm(F.silu(gate) * up, down, offs=offs))  # (T·k, D)
+    rows = x[token_idx]  # (T·k, D) sorted by expert, so each group's rows are contiguous
+    if len(groups) > 1:  # one host sync: where each width group's rows start
+        sizes = torch.stack([counts[g.first : g.first + g.n].sum() for g in groups]).tolist()
+        row_groups = torch.split(rows, sizes)
+    else:
+        row_groups = (rows,)
+    outs = []
+    for g, r in zip(groups, row_groups):
+        offs = torch.cumsum(counts[g.first : g.first + g.n], dim=0).to(torch.int32)  # (n,) end of each expert
+        h = _contiguous_grad(F.grouped_mm(r, g.gate_up, offs=offs))  # (rows, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        outs.append(_contiguous_grad(F.grouped_mm(F.silu(gate) * up, g.down, offs=offs)))  # (rows, D)
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)  # (T·k, D)
     y = y * topk_weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token_idx, y)
 
@@ -125,7 +160,7 @@ def grouped_mm_usable(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
     elif torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         reason = "under torch.compile grouped_mm supports only bf16"
     elif any((n * x.element_size()) % 16 for n in (x.shape[-1], gate_up.shape[-1], down.shape[-2])):
-        reason = "d_model, 2*d_expert and d_expert must be multiples of 16 bytes for grouped_mm"
+        reason = "d_model and every expert's hidden width (x2) must be multiples of 16 bytes for grouped_mm"
     if reason and reason not in _warned:
         _warned.add(reason)
         log.warning("dispatch=grouped unavailable (%s); using dispatch=sorted", reason)

@@ -51,3 +51,63 @@ def router_z_loss(router_logits: list[torch.Tensor], valid: torch.Tensor | None 
     n_valid = w.sum().clamp(min=1)
     per_layer = [(torch.logsumexp(lg.float(), dim=-1).square() * w).sum() / n_valid for lg in router_logits]
     return torch.stack(per_layer).mean()
+
+
+def routing_losses(
+    routing, top_k: int, kind: str, valid: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Unweighted balancing terms of a list of RoutingInfo: load_balance (unless kind="none"), router_z."""
+    router_logits = [r.router_logits for r in routing]
+    if not router_logits:
+        return {}
+    losses = {}
+    if kind != "none":
+        losses["load_balance"] = load_balance_loss(router_logits, top_k, valid, kind)
+    losses["router_z"] = router_z_loss(router_logits, valid)
+    return losses
+
+
+# ----------------------------------------------------------------------------- weighting
+# Models return unweighted terms in `out.losses`; the coefficients (and their schedules) are applied
+# here only, by the model for `out.loss` and by the trainer with the step's schedule.
+
+
+def load_balance_coef_at(step: int, base: float, decay_steps: int) -> float:
+    """The load-balancing coefficient at `step`: constant, or linear from `base` to 0 over decay_steps."""
+    if decay_steps <= 0:
+        return base
+    return base * max(0.0, 1.0 - step / decay_steps)
+
+
+def loss_coefficients(config, step: int | None = None) -> dict[str, float]:
+    """Weight of every loss term a model may return.
+
+    ce = 1; load_balance = moe.load_balance_coef (decayed by train.load_balance_decay_steps at `step`;
+    no schedule when step is None); router_z = moe.z_loss_coef; and for a model-specific term NAME the
+    architecture's own config field `model.NAME_coef`.
+    """
+    moe = config.moe
+    lb = moe.load_balance_coef
+    if step is not None:
+        lb = load_balance_coef_at(step, lb, config.train.load_balance_decay_steps)
+    coefs = {"ce": 1.0, "load_balance": lb, "router_z": moe.z_loss_coef}
+    for name, value in vars(config.model).items():
+        if name.endswith("_coef") and isinstance(value, int | float):
+            coefs[name.removesuffix("_coef")] = float(value)
+    return coefs
+
+
+def weighted_loss(losses: dict[str, torch.Tensor], coefficients: dict[str, float]) -> torch.Tensor:
+    """Σ coefficient · term. A term without a coefficient is a programming error and raises."""
+    missing = [name for name in losses if name not in coefficients]
+    if missing:
+        raise KeyError(
+            f"loss term {missing[0]!r} has no coefficient; declare model.{missing[0]}_coef in the "
+            f"architecture's config"
+        )
+    total = None
+    for name, term in losses.items():
+        coef = coefficients[name]
+        part = term if coef == 1.0 else coef * term
+        total = part if total is None else total + part
+    return total

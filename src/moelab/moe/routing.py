@@ -1,9 +1,21 @@
-"""Top-k routing with loss-free balancing, and the per-layer `RoutingInfo` every model returns.
+"""Top-k routing with loss-free balancing, the per-layer `RoutingInfo` every model returns, and the
+router protocol that tracing, telemetry and interventions rely on.
 
 Loss-free balancing (LFLB) keeps a per-expert bias that is added to the scores used to *select*
 the top-k experts only. The mixing weights always come from the unbiased softmax, and
 `RoutingInfo.router_logits` are always unbiased, so balancing never leaks into the gradient and
 the analysis sees the real router. The bias is a saved buffer used in every forward pass.
+
+The router protocol (the hook point of every moelab model): `model.routers()` lists, in the order of
+`out.routing`, the module that produced each MoE layer's `RoutingInfo` (the same module may serve
+several layers). Such a module
+  - returns the layer's `RoutingInfo` from forward (a forward hook may replace it: interventions do);
+  - has `n_experts` and `top_k`;
+  - has `select(router_logits, exclude=None, force=None) -> (topk_ids, topk_weights)`: its own
+    selection from unbiased logits, with experts `exclude`d or one expert `force`d into slot 0;
+  - has `balance_bias` (E,) and `update_balance_bias(counts, rate)` if it balances without a loss.
+`TopKRouter` is the reference implementation; an architecture whose router sees other inputs
+subclasses it and overrides `logits`.
 """
 
 from __future__ import annotations
@@ -55,15 +67,38 @@ class TopKRouter(nn.Module):
         self.balance_bias.data = self.balance_bias.data.float()
         return self
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, D) -> (T, E) fp32 unbiased router logits."""
+        return F.linear(x, self.weight).float()
+
     def forward(self, x: torch.Tensor) -> RoutingInfo:  # x: (T, D)
-        logits = F.linear(x, self.weight).float()  # (T, E)
-        probs = logits.softmax(dim=-1)
-        scores = probs if self.bias_on == "scores" else logits
-        topk_ids = torch.topk(scores + self.balance_bias, self.top_k, dim=-1).indices  # (T, k)
+        logits = self.logits(x)  # (T, E)
+        topk_ids, topk_weights = self.select(logits)
+        return RoutingInfo(logits, topk_ids, topk_weights.to(x.dtype))
+
+    def select(
+        self, logits: torch.Tensor, exclude: torch.Tensor | None = None, force: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of the (biased) selection scores; unbiased softmax mixing weights, fp32.
+
+        logits: (T, E). exclude: (n,) expert ids that cannot be selected. force: an expert placed in
+        slot 0 for every token; the other k-1 slots are the best remaining choices.
+        """
+        probs = logits.softmax(dim=-1)  # (T, E)
+        scores = (probs if self.bias_on == "scores" else logits) + self.balance_bias  # selection scores
+        if exclude is not None and exclude.numel():
+            scores = scores.index_fill(1, exclude, float("-inf"))
+        if force is None:
+            topk_ids = torch.topk(scores, self.top_k, dim=-1).indices  # (T, k)
+        else:
+            scores = scores.index_fill(1, torch.tensor([force], device=scores.device), float("-inf"))
+            rest = torch.topk(scores, self.top_k - 1, dim=-1).indices  # (T, k-1)
+            first = torch.full((rest.shape[0], 1), force, dtype=rest.dtype, device=rest.device)
+            topk_ids = torch.cat([first, rest], dim=1)  # (T, k)
         topk_weights = probs.gather(1, topk_ids)  # unbiased mixing weights
         if self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        return RoutingInfo(logits, topk_ids, topk_weights.to(x.dtype))
+        return topk_ids, topk_weights
 
     @torch.no_grad()
     def update_balance_bias(self, counts: torch.Tensor, rate: float) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moelab.config import TrainConfig
+from moelab.moe.losses import load_balance_coef_at  # noqa: F401  (the schedule lives with the weighting)
 
 
 def is_routed_expert(name: str) -> bool:
@@ -39,13 +40,6 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     decay = tc.decay_steps or max(1, tc.steps - tc.warmup_steps)
     progress = min(1.0, (step - tc.warmup_steps) / decay)
     return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def load_balance_coef_at(step: int, base: float, decay_steps: int) -> float:
-    """Constant `base`, or decaying linearly from base to 0 over `decay_steps` steps."""
-    if decay_steps <= 0:
-        return base
-    return base * max(0.0, 1.0 - step / decay_steps)
 
 
 def clip_grad_groups(model: nn.Module, clip_experts: float, clip_rest: float) -> torch.Tensor:

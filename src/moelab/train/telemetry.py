@@ -32,9 +32,16 @@ def router_entropy(routing: list[RoutingInfo], valid: torch.Tensor | None) -> to
 
 
 def balance_bias_range(model: torch.nn.Module) -> torch.Tensor:
-    """(L, 2) min and max of each MoE layer's balancing bias."""
-    biases = [m.balance_bias for m in model.modules() if hasattr(m, "balance_bias")]
-    if not biases:
-        return torch.zeros(0, 2)
-    b = torch.stack([x.detach().float() for x in biases])
-    return torch.stack([b.min(dim=-1).values, b.max(dim=-1).values], dim=-1)
+    """(L, 2) min and max of each MoE layer's balancing bias (0, 0 for a router without one).
+
+    One row per entry of `model.routers()`, so a router shared by several layers appears once per layer.
+    """
+    rows = []
+    for router in model.routers():
+        bias = getattr(router, "balance_bias", None)
+        if bias is None:
+            rows.append(torch.zeros(2))
+        else:
+            b = bias.detach().float().cpu()
+            rows.append(torch.stack([b.min(), b.max()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 2)

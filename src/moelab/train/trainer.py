@@ -23,6 +23,7 @@ from moelab.data.loader import PackedLoader, TokenDataset
 from moelab.data.tokenizer import load_tokenizer
 from moelab.errors import MoelabError
 from moelab.models import build
+from moelab.moe.losses import loss_coefficients, weighted_loss
 from moelab.train.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -33,7 +34,8 @@ from moelab.train.checkpoint import (
 from moelab.train.device import autocast_for, resolve_device
 from moelab.train.evaluate import evaluate, make_val_loader
 from moelab.train.loggers import Loggers
-from moelab.train.optim import build_optimizer, clip_grad_groups, load_balance_coef_at, lr_at
+from moelab.train.optim import build_optimizer, clip_grad_groups, lr_at
+from moelab.train.parallel import parallelize
 from moelab.train.telemetry import balance_bias_range, max_violation, router_entropy
 
 log = logging.getLogger(__name__)
@@ -114,13 +116,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     loader = PackedLoader(train_data, dc.seq_len, tc.batch_size, seed=tc.seed)
     val_loader = make_val_loader(config, train_data.metadata["splits"])
 
-    model = build(config).to(device)
-    if tc.activation_checkpointing:
-        if not hasattr(model, "activation_checkpointing"):
-            raise MoelabError(
-                f"train.activation_checkpointing: model {config.model.arch} does not support it"
-            )
-        model.activation_checkpointing = True
+    model = parallelize(build(config).to(device), config)  # dispatcher, checkpointing, compile
     step, tokens_seen, nonfinite_streak = 0, 0, 0
     state = None
     if resume:
@@ -144,7 +140,6 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         nonfinite_streak = state.get("nonfinite_streak", 0)
         log.info("resumed from %s at step %d", ckpt, step)
     save_config(config, run_dir / "config.yaml")  # only now: a resume with bad overrides changes nothing
-    forward = torch.compile(model) if tc.compile else model
     loggers = Loggers(run_dir, config, resume_step=step if resume else None)
     counts = model.count_parameters()
     peak = next(
@@ -176,7 +171,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            lb_coef = load_balance_coef_at(step, config.moe.load_balance_coef, tc.load_balance_decay_steps)
+            coefs = loss_coefficients(config, step)  # the load-balance schedule at this step
             logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
             sums, step_counts, entropy, n_tokens = None, None, 0.0, 0
             for _ in range(tc.grad_accum):
@@ -184,10 +179,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
                 labels = batch["labels"].to(device, non_blocking=True)
                 with autocast_for(tc, device):
-                    out = forward(input_ids, labels=labels)
-                loss = out.loss
-                if "load_balance" in out.losses:  # the model used the config's coef; apply the schedule's
-                    loss = loss + (lb_coef - config.moe.load_balance_coef) * out.losses["load_balance"]
+                    out = model(input_ids, labels=labels)
+                loss = weighted_loss(out.losses, coefs)
                 (loss / tc.grad_accum).backward()
                 terms = torch.stack([loss.detach(), *(v.detach().float() for v in out.losses.values())])
                 sums = terms if sums is None else sums + terms
@@ -229,7 +222,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 record = {"type": "train", "step": step, **dict(zip(names, packed[: len(names)]))}
                 record.update(
                     lr=lr,
-                    load_balance_coef=lb_coef,
+                    load_balance_coef=coefs["load_balance"],
                     grad_norm=packed[len(names)],
                     grad_norm_experts=packed[len(names) + 1],
                     grad_norm_rest=packed[len(names) + 2],

@@ -1,0 +1,89 @@
+"""The output contract and what every moelab model provides besides forward().
+
+Everything downstream (trainer, evaluation, generation, tracing, telemetry, interventions, report)
+depends only on this:
+
+  model(input_ids, attention_mask=None, labels=None) -> MoEOutput
+  model.config                  the Config it was built from
+  model.blocks                  nn.ModuleList of the repeated blocks; parallelize() wraps each one
+                                (activation checkpointing, compile) without the model knowing
+  model.routers()               the router module of each MoE layer, in the order of out.routing
+                                (the hook point; the protocol is in moe/routing.py)
+  model.count_parameters()      {"total", "active"}
+  model.update_balance_biases(counts)   loss-free balancing step from (L, E) counts
+  model.new_cache(batch, max_len)       a KV cache for generation
+  model.init_non_persistent()   recompute buffers that are not saved (after loading on meta)
+
+`MoEModel` implements the generic ones from `routers()` and the model's `RoutedExperts` modules; an
+architecture whose tokens use a variable number of experts overrides `count_parameters` and says how.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moelab.moe.experts import RoutedExperts
+from moelab.moe.routing import RoutingInfo, expert_counts
+
+
+@dataclass
+class MoEOutput:
+    """The output contract every moelab model returns."""
+
+    logits: torch.Tensor  # (B, N, V)
+    loss: torch.Tensor | None = None  # total training loss (weighted terms), when labels are given
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted named terms (ce, ...)
+    routing: list[RoutingInfo] = field(default_factory=list)  # one per MoE layer
+    expert_counts: torch.Tensor | None = None  # (L, E) tokens per expert, padding excluded
+
+
+class MoEModel(nn.Module):
+    """Base class of moelab models: the generic parts of the contract above."""
+
+    config_class = None  # the architecture's ModelConfig subclass (the `model:` section is parsed into it)
+
+    def routers(self) -> list[nn.Module]:
+        raise NotImplementedError(f"{type(self).__name__} must list its routers (see moelab.models.base)")
+
+    def count_parameters(self) -> dict[str, int]:
+        """total: every parameter once. active: what one token uses = everything but the routed experts,
+        plus top_k times the mean routed-expert size of each MoE layer (for equal widths: top_k experts)."""
+        return count_parameters(self, self.config.model.top_k)
+
+    @torch.no_grad()
+    def update_balance_biases(self, counts: torch.Tensor) -> None:
+        """Loss-free balancing step, after the optimizer step. counts: (L, E) summed over micro-batches.
+
+        A router shared by several layers moves once, by the counts of all the layers it serves.
+        """
+        if not self.config.moe.lflb:
+            return
+        per_router: dict[int, list] = {}
+        for router, c in zip(self.routers(), counts, strict=True):
+            entry = per_router.setdefault(id(router), [router, torch.zeros_like(c)])
+            entry[1] += c
+        for router, c in per_router.values():
+            router.update_balance_bias(c, self.config.moe.lflb_rate)
+
+
+def count_parameters(model: nn.Module, top_k: int) -> dict[str, int]:
+    """{"total", "active"}; see MoEModel.count_parameters. Shared parameters are counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0.0
+    for module in model.modules():
+        if isinstance(module, RoutedExperts):
+            sizes = module.expert_sizes()
+            inactive += sum(sizes) - top_k * sum(sizes) / len(sizes)
+    return {"total": total, "active": total - round(inactive)}
+
+
+def routing_counts(
+    routing: list[RoutingInfo], n_experts: int, valid: torch.Tensor | None
+) -> torch.Tensor | None:
+    """(L, E) tokens per expert per MoE layer (padding and id -1 excluded), or None without MoE layers."""
+    if not routing:
+        return None
+    return torch.stack([expert_counts(r.topk_ids, n_experts, valid) for r in routing])
