@@ -324,3 +324,31 @@ def test_cli_ablate(data, capsys):
         assert main([*args, *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("moelab: error: ") and flag in err[0], err
+
+
+def test_model_files_from_before_the_router_protocol_still_work_through_moe_layers(ids):
+    """An experiment copy of an older olmoe.py has `moe_layers` but no `routers()`: interventions,
+    tracing and telemetry fall back to the `.router` of each MoE layer."""
+    from moelab.train.telemetry import balance_bias_range
+
+    model = tiny_model()
+
+    class OlderModelFile(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        @property
+        def moe_layers(self):
+            return self.inner.moe_layers
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    older = OlderModelFile(model).eval()
+    assert not hasattr(older, "routers")
+    with intervene(older, remove={0: [0, 1]}):
+        out = older(ids)
+    assert not torch.isin(out.routing[0].topk_ids, torch.tensor([0, 1])).any()
+    assert torch.isin(older(ids).routing[0].topk_ids, torch.tensor([0, 1])).any()
+    assert balance_bias_range(older).shape == (len(model.moe_layers), 2)

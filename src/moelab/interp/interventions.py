@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from moelab.errors import MoelabError, require_at_least
+from moelab.models.base import model_routers
 from moelab.moe.routing import RoutingInfo
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,12 @@ class Intervention:
 def moe_routers(model: nn.Module) -> list[nn.Module]:
     """The router of each MoE layer, in the order of `out.routing` (`model.routers()`), checked against
     the router protocol (moelab.moe.routing)."""
-    if not callable(getattr(model, "routers", None)):
+    try:
+        routers = model_routers(model)
+    except AttributeError:
         raise MoelabError(
             f"{type(model).__name__} has no routers() method; interventions need moelab's router hook point"
-        )
-    routers = list(model.routers())
+        ) from None
     if not routers:
         raise MoelabError(f"{type(model).__name__} has no MoE layers to intervene on")
     for r in routers:

@@ -19,6 +19,7 @@ import torch
 
 from moelab.errors import MoelabError, require_at_least
 from moelab.io import atomic_dir
+from moelab.models.base import model_routers
 from moelab.moe.routing import RoutingInfo
 from moelab.train.device import autocast_for
 
@@ -90,7 +91,7 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
     tok = ckpt / TOKENIZER
     return Router(
         route=route,
-        n_layers=len(model.routers()),
+        n_layers=len(model_routers(model)),
         n_experts=cfg.model.n_experts,
         top_k=cfg.model.top_k,
         vocab_size=cfg.model.vocab_size,

@@ -69,6 +69,16 @@ class MoEModel(nn.Module):
             router.update_balance_bias(c, self.config.moe.lflb_rate)
 
 
+def model_routers(model: nn.Module) -> list[nn.Module]:
+    """`model.routers()`; for model files written before the router protocol (experiment copies of an
+    older olmoe.py), the `.router` of each of their `moe_layers`."""
+    if callable(getattr(model, "routers", None)):
+        return list(model.routers())
+    if hasattr(model, "moe_layers"):
+        return [layer.router for layer in model.moe_layers]
+    raise AttributeError(f"{type(model).__name__} has no routers() (see moelab.models.base)")
+
+
 def count_parameters(model: nn.Module, top_k: int) -> dict[str, int]:
     """{"total", "active"}; see MoEModel.count_parameters. Shared parameters are counted once."""
     total = sum(p.numel() for p in model.parameters())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from moelab.models.base import model_routers
 from moelab.moe.routing import RoutingInfo
 
 
@@ -37,7 +38,7 @@ def balance_bias_range(model: torch.nn.Module) -> torch.Tensor:
     One row per entry of `model.routers()`, so a router shared by several layers appears once per layer.
     """
     rows = []
-    for router in model.routers():
+    for router in model_routers(model):
         bias = getattr(router, "balance_bias", None)
         if bias is None:
             rows.append(torch.zeros(2))
