@@ -37,6 +37,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/moe_layer.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
