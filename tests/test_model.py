@@ -343,3 +343,12 @@ def test_load_balance_none_drops_the_term():
     out = model(random_ids(1, 4), labels=random_ids(1, 4, seed=1))
     assert "load_balance" not in out.losses
     assert out.loss.item() == pytest.approx(out.losses["ce"].item(), abs=1e-7)
+
+
+def test_the_padding_row_gets_no_gradient_as_in_transformers():
+    model = build()
+    pad = model.config.model.pad_token_id
+    x = torch.tensor([[5, pad, 7, pad, 9]])
+    model(x, labels=x).loss.backward()
+    assert torch.equal(model.embed.weight.grad[pad], torch.zeros(64))
+    assert model.embed.weight.grad[5].abs().sum() > 0

@@ -93,7 +93,8 @@ class OLMoE(MoEModel):
         super().__init__()
         self.config = config
         cfg = self.cfg = config.model
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # padding_idx: the pad row gets no gradient, as in transformers (it stays zero from init)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.blocks = nn.ModuleList(
             [Block(cfg, config.moe, dense=i < cfg.n_dense_layers) for i in range(cfg.n_total_layers)]
         )
