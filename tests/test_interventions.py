@@ -352,3 +352,39 @@ def test_model_files_from_before_the_router_protocol_still_work_through_moe_laye
     assert not torch.isin(out.routing[0].topk_ids, torch.tensor([0, 1])).any()
     assert torch.isin(older(ids).routing[0].topk_ids, torch.tensor([0, 1])).any()
     assert balance_bias_range(older).shape == (len(model.moe_layers), 2)
+
+
+def test_cli_ablate_on_a_model_whose_router_is_shared_by_every_layer(two_domain_data, tmp_path, capsys):
+    """`moelab ablate --experts 1:E` removes E at MoE layer 1 only, though one router serves all layers."""
+    arch = Path(__file__).parent / "archs" / "shared_router.py"
+    torch.manual_seed(0)
+    config = moelab.load_config(
+        None,
+        [f"model.arch={arch}", "model.vocab_size=320", "model.d_model=16", f"model.n_layers={L}"]
+        + ["model.n_heads=2", "model.d_expert=16", f"model.n_experts={E}", f"model.top_k={K}"]
+        + ["model.max_seq_len=32", "model.pad_token_id=1", "model.eos_token_id=0", "data.seq_len=16"],
+    )
+    model = moelab.build(config).eval()
+    with torch.no_grad():
+        model.routers()[0].weight.normal_(0.0, 0.5)
+    assert len({id(r) for r in model.routers()}) == 1
+    ckpt = tmp_path / "ckpt"
+    moelab.save_checkpoint(model, ckpt, tokenizer=two_domain_data / "tok" / "tokenizer.json")
+    tokens = two_domain_data / "tokens"
+    args = ["ablate", str(ckpt), "--data", str(tokens), "--batches", "2", "--batch-size", "2", "--json"]
+    assert main([*args, "--experts", "1:0,1:1", "--random-baselines", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spec"]["remove"] == {"1": [0, 1]}
+    loaded = moelab.load(ckpt)
+    val = ValLoader(TokenDataset(tokens, "val"), 16, 2)
+    ids = next(val.batches(1))["input_ids"]
+    with intervene(loaded, remove={1: [0, 1]}):
+        assert report["intervention"]["loss"] == pytest.approx(
+            evaluate(loaded, val, 2, "cpu")["loss"], abs=1e-9
+        )
+        out = loaded(ids).routing
+    natural = loaded(ids).routing
+    assert torch.isin(natural[1].topk_ids, torch.tensor([0, 1])).any()  # the removal changes something
+    assert not torch.isin(out[1].topk_ids, torch.tensor([0, 1])).any()
+    assert torch.equal(out[0].topk_ids, natural[0].topk_ids)  # the same router, untouched at layer 0
+    assert report["delta"]["loss"] != 0
