@@ -35,10 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from common import GroupedMMCounter, machine, sync, update_doc  # noqa: E402
 
 from moelab.config import ModelConfig, MoEConfig  # noqa: E402
-from moelab.io import atomic_file  # noqa: E402
 from moelab.models.olmoe import MoE  # noqa: E402
 from moelab.moe.experts import LocalDispatcher, set_dispatcher  # noqa: E402
 
@@ -167,27 +166,6 @@ def implementations(ours, theirs) -> list[Impl]:
 # ----------------------------------------------------------------------------- checking, then timing
 
 
-class GroupedMMCounter:
-    """Counts calls of torch.nn.functional.grouped_mm (looked up at call time by moelab and transformers)."""
-
-    def __enter__(self):
-        self.calls = 0
-        self._orig = getattr(F, "grouped_mm", None)
-        if self._orig is None:  # an older torch: nothing can call it, the count stays 0
-            return self
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self._orig(*args, **kwargs)
-
-        F.grouped_mm = counted
-        return self
-
-    def __exit__(self, *exc):
-        if self._orig is not None:
-            F.grouped_mm = self._orig
-
-
 def step(impl: Impl, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """One forward + backward; returns the output (detached)."""
     for p in impl.module.parameters():
@@ -235,11 +213,6 @@ def check_agreement(impls: list[Impl], x, grad_out, atol: float, rtol: float) ->
             )
         results[impl.name] = (got["y"].float() - ref["y"].float()).abs().max().item()
     return results
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_impls(impls: list[Impl], x, grad_out, repeats: int, warmup: int) -> dict[str, float]:
@@ -305,20 +278,6 @@ def table(rows: list[Row], default_impl: str) -> str:
     return "\n".join(lines)
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def results_block(rows, diffs: dict[str, dict[str, float]], args, default_impl: str, command: str) -> str:
     import transformers
 
@@ -341,25 +300,6 @@ def results_block(rows, diffs: dict[str, dict[str, float]], args, default_impl: 
         table(rows, default_impl),
     ]
     return "\n".join(lines)
-
-
-def update_doc(path: Path, block: str, key: str) -> None:
-    """Replace this benchmark's block for `key` (device + dtype), or add it at the end of its section."""
-    start, end = f"<!-- moe_layer {key} start -->", f"<!-- moe_layer {key} end -->"
-    wrapped = f"{start}\n{block}\n{end}"
-    text = path.read_text() if path.exists() else DOC_INTRO
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + wrapped + rest.split(end, 1)[1]
-    elif SECTION_HEADING in text:
-        head, rest = text.split(SECTION_HEADING, 1)
-        nxt = rest.find("\n## ")
-        body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-        text = head + SECTION_HEADING + body.rstrip("\n") + "\n\n" + wrapped + "\n" + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_HEADING}\n\n{SECTION_INTRO}\n{wrapped}\n"
-    with atomic_file(path) as fh:
-        fh.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(table(rows, default_impl))
     if args.out:
-        update_doc(
-            args.out, results_block(rows, diffs, args, default_impl, command), f"{args.device} {args.dtype}"
-        )
+        block = results_block(rows, diffs, args, default_impl, command)
+        key = f"moe_layer {args.device} {args.dtype}"
+        update_doc(args.out, block, key, SECTION_HEADING, SECTION_INTRO, new_doc=DOC_INTRO)
         print(f"updated {args.out}", file=sys.stderr)
     return 0
 

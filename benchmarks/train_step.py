@@ -70,10 +70,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import GroupedMMCounter, machine, sync, update_doc  # noqa: E402
 
 import moelab  # noqa: E402
 import moelab.hf  # noqa: E402
-from moelab.io import atomic_file  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -323,27 +323,6 @@ def make_batch(shape: Shape, device, seed: int = 1) -> tuple[torch.Tensor, torch
 # ----------------------------------------------------------------------------- checking, then timing
 
 
-class GroupedMMCounter:
-    """Counts calls of torch._grouped_mm (torch.nn.functional.grouped_mm calls it; looked up at call time)."""
-
-    def __enter__(self):
-        self.calls = 0
-        self._orig = getattr(torch, "_grouped_mm", None)
-        if self._orig is None:
-            return self
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self._orig(*args, **kwargs)
-
-        torch._grouped_mm = counted
-        return self
-
-    def __exit__(self, *exc):
-        if self._orig is not None:
-            torch._grouped_mm = self._orig
-
-
 @dataclass
 class Agreement:
     loss: dict[str, float] = field(default_factory=dict)  # largest relative |Δ| of total, ce, load_balance
@@ -421,11 +400,6 @@ def check_agreement(impls: list[Impl], ids, shifted, exact: bool, skipped: dict[
                     f"{excess:.2e} beyond what the gradient differences explain"
                 )
     return result
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step(impl: Impl, ids, shifted, device) -> tuple[float, float, float]:
@@ -589,20 +563,6 @@ def shape_block(res: ShapeResult, exact: bool) -> str:
     return "\n".join(lines)
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def moelab_revision() -> str:
     """moelab's version and the git commit of the source that ran, noting uncommitted changes under it."""
     src = Path(moelab.__file__).resolve().parent
@@ -650,32 +610,6 @@ def results_block(results: list[ShapeResult], args, command: str, load_before: s
     for res in results:
         lines += ["", shape_block(res, exact=args.dtype == "fp32")]
     return "\n".join(lines)
-
-
-def update_doc(path: Path, block: str, key: str) -> None:
-    """Replace this benchmark's block for `key` (device + dtype), or add it to its section (made if absent,
-    after the MoE-layer section when there is one, else at the end)."""
-    start, end = f"<!-- train_step {key} start -->", f"<!-- train_step {key} end -->"
-    wrapped = f"{start}\n{block}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + wrapped + rest.split(end, 1)[1]
-    elif SECTION_HEADING in text:
-        head, rest = text.split(SECTION_HEADING, 1)
-        nxt = rest.find("\n## ")
-        body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-        text = head + SECTION_HEADING + body.rstrip("\n") + "\n\n" + wrapped + "\n" + tail
-    else:
-        section = f"{SECTION_HEADING}\n\n{SECTION_INTRO}\n{wrapped}\n"
-        at = text.find(AFTER_SECTION)
-        nxt = text.find("\n## ", at + len(AFTER_SECTION)) if at >= 0 else -1
-        if nxt >= 0:
-            text = text[: nxt + 1] + section + "\n" + text[nxt + 1 :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    with atomic_file(path) as fh:
-        fh.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -730,9 +664,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"\n{shape_block(res, exact=args.dtype == 'fp32')}\n")
     if args.out:
-        update_doc(
-            args.out, results_block(results, args, command, load_before), f"{args.device} {args.dtype}"
-        )
+        block = results_block(results, args, command, load_before)
+        key = f"train_step {args.device} {args.dtype}"
+        update_doc(args.out, block, key, SECTION_HEADING, SECTION_INTRO, after=AFTER_SECTION)
         print(f"updated {args.out}", file=sys.stderr)
     return 0
 
