@@ -143,10 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "new",
         "Create an experiment: an editable copy of a model file plus its config.",
-        "moelab new my-router --from olmoe && moelab train experiments/my-router",
+        "moelab new my-router --from olmoe && moelab train experiments/my-router\n"
+        "  moelab new my-state --from crosslayer   # cross-layer routing state",
     )
     p.add_argument("name")
-    p.add_argument("--from", dest="base", default="olmoe", help="architecture to copy (default: olmoe)")
+    p.add_argument(
+        "--from",
+        dest="base",
+        default="olmoe",
+        help="architecture to copy: olmoe | crosslayer (default: olmoe)",
+    )
     p.add_argument("--config", default="configs/tiny-cpu.yaml", help="config to start from")
     p.add_argument("--dir", default="experiments", help="parent directory (default: experiments)")
     p.set_defaults(func=cmd_new)

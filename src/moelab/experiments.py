@@ -26,7 +26,9 @@ def new_experiment(name: str, base: str, config_path: Path, parent: Path) -> Pat
     out = parent / name
     if out.exists():
         raise MoelabError(f"{out} already exists; choose another name or delete it")
-    config = load_config(config_path)  # a missing --config is an error, not silent OLMoE-size defaults
+    # parsed as the chosen architecture, so the copy's config.yaml lists that architecture's own fields;
+    # a missing --config is an error, not silent OLMoE-size defaults
+    config = load_config(config_path, [f"model.arch={base}"])
     config.model.arch = "model.py"
     with atomic_dir(out, replace=False) as tmp:
         shutil.copyfile(model_module(base).__file__, tmp / "model.py")

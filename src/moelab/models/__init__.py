@@ -16,7 +16,7 @@ from torch import nn
 from moelab.config import Config, ModelConfig
 from moelab.errors import ConfigError
 
-ARCHITECTURES = {"olmoe": "moelab.models.olmoe"}
+ARCHITECTURES = {"olmoe": "moelab.models.olmoe", "crosslayer": "moelab.models.crosslayer"}
 
 
 def model_module(arch: str, base_dir: Path | None = None):

@@ -69,6 +69,22 @@ class MoEModel(nn.Module):
             router.update_balance_bias(c, self.config.moe.lflb_rate)
 
 
+@torch.no_grad()
+def normal_init(model: nn.Module, cfg) -> None:
+    """The init every built-in architecture starts from: N(0, cfg.init_std) for every parameter
+    (truncated at ±3 std with cfg.init="truncated_normal"), 1 for norm weights, 0 for the padding row
+    of `model.embed`. An architecture sets its own special parameters after calling it."""
+    std = cfg.init_std
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif cfg.init == "truncated_normal":
+            nn.init.trunc_normal_(p, 0.0, std, -3 * std, 3 * std)
+        else:
+            nn.init.normal_(p, 0.0, std)
+    model.embed.weight[cfg.pad_token_id].zero_()
+
+
 def model_routers(model: nn.Module) -> list[nn.Module]:
     """`model.routers()`; for model files written before the router protocol (experiment copies of an
     older olmoe.py), the `.router` of each of their `moe_layers`."""

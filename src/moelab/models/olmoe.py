@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import Config, ModelConfig
-from moelab.models.base import MoEModel, MoEOutput, routing_counts
+from moelab.models.base import MoEModel, MoEOutput, normal_init, routing_counts
 from moelab.models.layers import (
     Attention,
     KVCache,
@@ -110,19 +110,9 @@ class OLMoE(MoEModel):
     def routers(self) -> list[TopKRouter]:
         return [moe.router for moe in self.moe_layers]
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
         """N(0, init_std) (optionally truncated at ±3 std) for every matrix; norms 1; padding row 0."""
-        cfg = self.cfg
-        std = cfg.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif cfg.init == "truncated_normal":
-                nn.init.trunc_normal_(p, 0.0, std, -3 * std, 3 * std)
-            else:
-                nn.init.normal_(p, 0.0, std)
-        self.embed.weight[cfg.pad_token_id].zero_()
+        normal_init(self, self.cfg)
         self.init_non_persistent()
 
     @torch.no_grad()
