@@ -206,6 +206,15 @@ def test_continuity_matches_loops(chunked, shape):
                     pairs += 1
                     stays += all(e in S[l + j][t] for j in range(1, s + 1))
         assert multi[s] == pytest.approx(stays / pairs, abs=1e-12)
+    every = metrics.expert_continuity_all(trace)
+    for l in range(L):
+        for m in range(L):
+            meet = 1.0 if l == m else sum(bool(S[l][t] & S[m][t]) for t in range(T)) / T
+            assert every["matrix"][l, m] == pytest.approx(meet, abs=1e-12)
+    for s in range(1, L):
+        mean = sum(every["matrix"][l, l + s] for l in range(L - s)) / (L - s)
+        assert every["by_distance"][s] == pytest.approx(mean, abs=1e-12)
+    np.testing.assert_allclose(np.diagonal(every["matrix"], 1), nxt[:-1])  # neighbours = continuity_next
 
 
 @pytest.mark.parametrize("span", [None, (1, 2), (2, 2)])
@@ -320,6 +329,10 @@ def test_continuity_by_hand():
     assert nxt[0] == 0.5 and nxt[1] == 1.0 and np.isnan(nxt[2])
     # s=1: of 8 (token, l<2, e) pairs, 3 stay (t0 l0 e1, t0 l1 e2, t1 l1 e3); s=2: none of 4 stays twice
     assert metrics.expert_continuity_multi(trace) == {1: 3 / 8, 2: 0.0}
+    # layers 0 and 2: token 0 {0,1} vs {2,3} disjoint; token 1 {0,1} vs {3,0} meet -> 0.5
+    every = metrics.expert_continuity_all(trace)
+    np.testing.assert_array_equal(every["matrix"], [[1, 0.5, 0.5], [0.5, 1, 1], [0.5, 1, 1]])
+    assert every["by_distance"] == {1: 0.75, 2: 0.5}
 
 
 def test_paths_by_hand():
@@ -401,6 +414,7 @@ def test_analyze_is_json_with_every_key():
         "top_k",
         "layers",
         "expert_continuity_multi",
+        "expert_continuity_all",
         "paths",
         "contextual",
     ]
@@ -414,6 +428,8 @@ def test_analyze_is_json_with_every_key():
         assert row["vocab_specialization"]["min_count"] == 5
     assert result["layers"][-1]["expert_continuity_next"] is None
     assert set(result["expert_continuity_multi"]) == {"1", "2"}
+    assert set(result["expert_continuity_all"]["by_distance"]) == {"1", "2"}
+    assert len(result["expert_continuity_all"]["matrix"]) == 3
     assert result["paths"] == metrics.paths(trace)
     assert set(result["contextual"]["tis"]) == set(WORDS)
     plain = metrics.analyze(make_trace(contextual=False), path_layers=(1, 2))

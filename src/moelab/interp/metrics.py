@@ -284,6 +284,25 @@ def expert_continuity_multi(trace: Trace) -> dict[int, float]:
     return out
 
 
+def expert_continuity_all(trace: Trace) -> dict:
+    """Continuity between every pair of layers, not only neighbours (cross-layer routing ties them all).
+
+    "matrix": (L, L) share of tokens whose top-k sets at layers l and m share at least one expert id
+    (symmetric; 1 on the diagonal); "by_distance": {s: mean over l of matrix[l, l+s]} for s = 1..L-1.
+    Random routing: 1 - C(E-k, k) / C(E, k) off the diagonal, as continuity_next."""
+    L = trace.n_layers
+    meets = np.zeros((L, L), dtype=np.int64)
+    for sl in _chunks(trace.n_tokens):
+        bits = [_bits(trace, layer, sl) for layer in range(L)]  # L x (t, W)
+        for first in range(L):
+            for second in range(first + 1, L):
+                meets[first, second] += int((bits[first] & bits[second]).any(axis=1).sum())
+    matrix = (meets + meets.T) / max(trace.n_tokens, 1)
+    np.fill_diagonal(matrix, 1.0)
+    by_distance = {s: float(np.diagonal(matrix, offset=s).mean()) for s in range(1, L)}
+    return {"matrix": matrix, "by_distance": by_distance}
+
+
 def _layer_span(trace: Trace, layers: tuple[int, int] | None) -> tuple[int, int]:
     first, last = (0, trace.n_layers - 1) if layers is None else (int(layers[0]), int(layers[1]))
     if not 0 <= first <= last < trace.n_layers:
@@ -474,6 +493,7 @@ def analyze(
         ("vocabulary", lambda: vocab_specialization(trace, min_count)),
         ("continuity", lambda: expert_continuity_next(trace)),
         ("multi-layer continuity", lambda: expert_continuity_multi(trace)),
+        ("continuity between all layers", lambda: expert_continuity_all(trace)),
         ("paths", lambda: paths(trace, path_layers)),
         ("contextual", lambda: contextual(trace)),
     ] + [(f"saturation {i}", lambda ref=ref: saturation(trace, ref)) for i, ref in enumerate(refs)]
@@ -510,6 +530,7 @@ def analyze(
         "top_k": trace.top_k,
         "layers": layers,
         "expert_continuity_multi": results["multi-layer continuity"],
+        "expert_continuity_all": results["continuity between all layers"],
         "paths": results["paths"],
     }
     if results["contextual"] is not None:
@@ -571,6 +592,12 @@ def summary_table(result: dict, reference: str = "the reference") -> str:
         lines.append(
             "Expert kept for s more layers (random (k/E)^s in brackets): "
             + "  ".join(f"s={s} {_fmt(v)} [{base_share ** int(s):.3f}]" for s, v in multi.items())
+        )
+    every = result.get("expert_continuity_all", {}).get("by_distance")
+    if every:
+        lines.append(
+            f"Some expert shared with the layer s above (random {random_next:.3f}): "
+            + "  ".join(f"s={s} {_fmt(v)}" for s, v in every.items())
         )
     if "contextual" in result:
         lines += ["", "Contextual words (TIS / ICS per layer):"]
