@@ -17,7 +17,7 @@ from moelab.cli import main
 from moelab.config import load_config
 from moelab.errors import MoelabError
 from moelab.train import optim, telemetry
-from moelab.train.checkpoint import list_checkpoints
+from moelab.train.checkpoint import latest_checkpoint, list_checkpoints
 from moelab.train.trainer import prepare_run, train
 
 
@@ -103,6 +103,7 @@ def test_metrics_records_have_documented_keys(tmp_path, data_dir):
     counts = torch.tensor(layers["counts"], dtype=torch.float)
     assert layers["max_vio"] == pytest.approx((counts.max(1).values / counts.mean(1) - 1).tolist())
     assert all(0 <= h <= math.log(4) + 1e-6 for h in layers["router_entropy"])
+    assert "routing_state_rms" not in layers and "model" not in rec  # olmoe has neither
     assert rec["grad_norm"] == pytest.approx(math.hypot(rec["grad_norm_experts"], rec["grad_norm_rest"]))
     val = [r for r in records if r["type"] == "val"]
     assert len(val) == 1 and set(val[0]["domain_loss"]) == {"drama", "science"}
@@ -319,3 +320,30 @@ def test_a_validation_split_smaller_than_a_batch_is_refused_before_training(tmp_
     with pytest.raises(MoelabError, match="fewer than batch_size"):
         run(tmp_path, data_dir, "bigbatch", steps=1, batch_size=200)
     assert not (tmp_path / "bigbatch" / "checkpoints").exists()
+
+
+def test_crosslayer_telemetry_logs_routing_state_rms_and_alpha(tmp_path, data_dir):
+    """The logged values equal what the saved model holds: α_l = ½ + ½·tanh(θ_l) after the last step, and
+    the bias ranges (their columns sit next to the new routing-state column)."""
+    from safetensors.torch import load_file
+
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text("{}\n")
+    extra = ["model.arch=crosslayer", "model.routing_dim=8", "model.routing_mix=alpha"]
+    config, run_dir = prepare_run(
+        config_file, tiny_overrides(data_dir, steps=3) + extra, tmp_path / "cl", False
+    )
+    train(config, run_dir, progress=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["type"] == "train"][-1]
+    weights = load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+    thetas = torch.stack([weights[f"blocks.{i}.routing_update.theta"] for i in range(2)])
+    assert last["model"]["routing_alpha"] == pytest.approx(
+        (0.5 + 0.5 * torch.tanh(thetas)).tolist(), abs=1e-7
+    )
+    assert thetas.abs().min() > 0  # θ moved: the comparison is not of two initial values
+    for i, (low, high) in enumerate(last["layers"]["bias_range"]):
+        bias = weights[f"blocks.{i}.mlp.router.balance_bias"]
+        assert (low, high) == pytest.approx((bias.min().item(), bias.max().item()), abs=1e-7)
+    rms = last["layers"]["routing_state_rms"]
+    assert len(rms) == 2 and all(0.9 < v < 1.1 for v in rms)  # RMSNorm output, norm weights near 1

@@ -13,6 +13,7 @@ depends only on this:
   model.update_balance_biases(counts)   loss-free balancing step from (L, E) counts
   model.new_cache(batch, max_len)       a KV cache for generation
   model.init_non_persistent()   recompute buffers that are not saved (after loading on meta)
+  model.telemetry()             optional: {name: (n,) tensor} of model-level values the trainer logs
 
 `MoEModel` implements the generic ones from `routers()` and the model's `RoutedExperts` modules; an
 architecture whose tokens use a variable number of experts overrides `count_parameters` and says how.

@@ -231,6 +231,12 @@ class CrossLayer(MoEModel):
             out.loss = weighted_loss(out.losses, loss_coefficients(self.config))
         return out
 
+    def telemetry(self) -> dict[str, torch.Tensor]:
+        """Logged by the trainer under "model": the mixing weight α_l of every block that has one."""
+        thetas = [b.routing_update.theta for b in self.blocks if b.routing_update is not None]
+        thetas = [t for t in thetas if t is not None]
+        return {"routing_alpha": 0.5 + 0.5 * torch.tanh(torch.stack(thetas).float())} if thetas else {}
+
     def router_offset_penalty(self) -> torch.Tensor:
         """Σ over MoE layers of the mean (or sum) of the offset's squared weights."""
         per_layer = [r.weight.float().pow(2) for r in self.routers()]

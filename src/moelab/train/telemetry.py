@@ -1,7 +1,9 @@
 """Cheap per-step routing statistics, computed on device (the trainer reads them back in one transfer).
 
 Per MoE layer: expert token counts, MaxVio = max(load)/mean(load) − 1, mean router entropy (nats)
-over real tokens, and the range of the loss-free balancing bias.
+over real tokens, the range of the loss-free balancing bias, and the RMS of the routing state where a
+model returns one (`RoutingInfo.extra["routing_state"]`, cross-layer routing). Model-level values
+come from an optional `model.telemetry()` (e.g. the cross-layer mixing weights α_l).
 """
 
 from __future__ import annotations
@@ -46,3 +48,18 @@ def balance_bias_range(model: torch.nn.Module) -> torch.Tensor:
             b = bias.detach().float().cpu()
             rows.append(torch.stack([b.min(), b.max()]))
     return torch.stack(rows) if rows else torch.zeros(0, 2)
+
+
+def routing_state_rms(routing: list[RoutingInfo]) -> torch.Tensor | None:
+    """(L,) root mean square of each MoE layer's routing state over all tokens, or None when the model
+    returns no routing state."""
+    states = [r.extra.get("routing_state") for r in routing]
+    if not states or any(s is None for s in states):
+        return None
+    return torch.stack([s.detach().float().pow(2).mean().sqrt() for s in states])
+
+
+def model_telemetry(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{name: (n,) tensor} from the model's optional `telemetry()` method; {} without one."""
+    values = model.telemetry() if callable(getattr(model, "telemetry", None)) else {}
+    return {name: v.detach().float().reshape(-1) for name, v in values.items()}

@@ -36,7 +36,13 @@ from moelab.train.evaluate import evaluate, make_val_loader
 from moelab.train.loggers import Loggers
 from moelab.train.optim import build_optimizer, clip_grad_groups, lr_at
 from moelab.train.parallel import parallelize
-from moelab.train.telemetry import balance_bias_range, max_violation, router_entropy
+from moelab.train.telemetry import (
+    balance_bias_range,
+    max_violation,
+    model_telemetry,
+    router_entropy,
+    routing_state_rms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +179,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 group["lr"] = lr
             coefs = loss_coefficients(config, step)  # the load-balance schedule at this step
             logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
-            sums, step_counts, entropy, n_tokens = None, None, 0.0, 0
+            sums, step_counts, entropy, state_rms, n_tokens = None, None, 0.0, None, 0
             for _ in range(tc.grad_accum):
                 batch = next(loader)
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
@@ -189,6 +195,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 n_tokens += labels.numel()
                 if logging_step:  # packed windows have no padding: every token is valid
                     entropy = entropy + router_entropy(out.routing, None) / tc.grad_accum
+                    rms = routing_state_rms(out.routing)
+                    if rms is not None:
+                        state_rms = (
+                            rms / tc.grad_accum if state_rms is None else state_rms + rms / tc.grad_accum
+                        )
             grad_norms = clip_grad_groups(model, tc.clip_experts, tc.clip_rest)
             finite = torch.isfinite(sums).all() & torch.isfinite(grad_norms).all()
             # one host transfer for the scalars every step needs (loss, norms, finiteness)
@@ -231,16 +242,27 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                     step_time_s=dt,
                 )
                 bias = balance_bias_range(model).to(step_counts.device)  # (L, 2)
-                per_layer = torch.cat(  # (L, E + 4), one more host transfer
-                    [step_counts, max_violation(step_counts)[:, None], entropy[:, None], bias], dim=1
-                ).tolist()
-                E = step_counts.shape[1]
+                columns = [step_counts, max_violation(step_counts)[:, None], entropy[:, None], bias]
+                if state_rms is not None:
+                    columns.append(state_rms[:, None])
+                table = torch.cat(columns, dim=1)  # (L, E + 4 [+ 1])
+                extras = model_telemetry(model)  # {name: (n,)}
+                flat = torch.cat([table.flatten(), *(v.to(table.device) for v in extras.values())])
+                flat = flat.tolist()  # one more host transfer for all of it
+                L, C, E = table.shape[0], table.shape[1], step_counts.shape[1]
+                per_layer = [flat[i * C : (i + 1) * C] for i in range(L)]
                 record["layers"] = {
                     "counts": [[int(c) for c in row[:E]] for row in per_layer],
                     "max_vio": [row[E] for row in per_layer],
                     "router_entropy": [row[E + 1] for row in per_layer],
-                    "bias_range": [row[E + 2 :] for row in per_layer],
+                    "bias_range": [row[E + 2 : E + 4] for row in per_layer],
                 }
+                if state_rms is not None:
+                    record["layers"]["routing_state_rms"] = [row[E + 4] for row in per_layer]
+                at = L * C
+                for name, value in extras.items():
+                    record.setdefault("model", {})[name] = flat[at : at + value.numel()]
+                    at += value.numel()
                 if device.type == "cuda":
                     record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                     if peak:
