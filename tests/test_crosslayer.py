@@ -192,3 +192,22 @@ def test_moelab_new_from_crosslayer_writes_its_own_fields(tmp_path):
     assert saved["arch"] == "model.py" and saved["routing_dim"] == 32 and saved["router_offset_coef"] == 0.1
     assert (out / "model.py").read_text().startswith('"""Cross-layer routing')
     assert type(moelab.load_config(out).model).__name__ == "CrossLayerConfig"
+
+
+def test_research_configs_on_the_test_43_base_count_by_hand():
+    """test-45 (alpha mix) and test-49 (alpha + widths 0.3/0.7/1.0/2.0 of d_expert 640 = 192, 448, 640,
+    1280: the same mean width, hence the same counts)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "research"
+    V, D, Z, L, E, k, I = 50304, 768, 16, 14, 48, 4, 640
+    update = 2 * D * Z + Z + 1  # a, b, the Z-wide norm and θ (alpha mix)
+    layer = 4 * D * D + 2 * D + 2 * D + update + E * Z + E * 3 * D * I + 3 * D * I  # + 1 shared expert
+    total = V * (D + Z) + E * Z + L * layer + D + V * D
+    expected = {"total": total, "active": total - L * (E - k) * 3 * D * I}
+    for name in ("test-45", "test-49"):
+        config = moelab.load_config(root / f"{name}.yaml")
+        assert config.model.routing_mix == "alpha" and config.model.routing_dim == Z
+        with torch.device("meta"):
+            assert moelab.build(config).count_parameters() == expected, name
+    assert moelab.load_config(root / "test-49.yaml").moe.load_balance_coef == 0.002
