@@ -305,7 +305,14 @@ def test_loss_coefficients_apply_the_schedule_and_the_architectures_own_coeffici
         [f"model.arch={arch}", "model.router_norm_coef=0.5", "moe.load_balance_coef=0.01"]
         + ["moe.z_loss_coef=0.002", "train.load_balance_decay_steps=100"],
     )
-    assert loss_coefficients(cfg) == {"ce": 1.0, "load_balance": 0.01, "router_z": 0.002, "router_norm": 0.5}
+    assert loss_coefficients(cfg) == {
+        "ce": 1.0,
+        "load_balance": 0.01,
+        "router_z": 0.002,
+        "router_orthogonality": 0.0,
+        "topk_gap": 0.0,
+        "router_norm": 0.5,
+    }
     assert loss_coefficients(cfg, step=25)["load_balance"] == pytest.approx(0.0075)
     assert loss_coefficients(cfg, step=200)["load_balance"] == 0.0
     terms = {"ce": torch.tensor(2.0), "load_balance": torch.tensor(1.5), "router_norm": torch.tensor(4.0)}

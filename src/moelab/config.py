@@ -114,12 +114,19 @@ class MoEConfig:
     lflb_rate: float = 0.001  # the bias moves by ±rate per optimizer step
     lflb_bias_on: Literal["scores", "logits"] = "scores"  # softmax scores, or pre-softmax logits
     lflb_bias_clamp: float = 1.0  # |bias| bound, applied only with lflb_bias_on=logits
+    router_orthogonality_coef: float = 0.0  # >0: losses["router_orthogonality"], ‖ŴŴᵀ − I‖_F / (E·√D)
+    topk_gap_coef: float = 0.0  # >0: losses["topk_gap"], −log(min(p_(k) − p_(k+1), cap) + 1e-8)
+    topk_gap_cap: float = 0.1  # the gap counts up to this value (larger gaps earn nothing more)
+    router_init: Literal["normal", "orthogonal"] = "normal"  # orthogonal: nn.init.orthogonal_ on routers
 
     def validate(self) -> None:
-        for name in ("load_balance_coef", "z_loss_coef", "lflb_rate", "lflb_bias_clamp"):
+        names = ("load_balance_coef", "z_loss_coef", "lflb_rate", "lflb_bias_clamp")
+        for name in (*names, "router_orthogonality_coef", "topk_gap_coef"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):  # written so that NaN fails too
                 raise ConfigError(f"moe.{name}={value} must be a finite number >= 0")
+        if not (self.topk_gap_cap > 0 and math.isfinite(self.topk_gap_cap)):
+            raise ConfigError(f"moe.topk_gap_cap={self.topk_gap_cap} must be a finite number > 0")
 
 
 @dataclass
@@ -199,6 +206,11 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        if self.moe.topk_gap_coef > 0 and self.model.top_k >= self.model.n_experts:
+            raise ConfigError(
+                f"moe.topk_gap_coef > 0 needs model.top_k < model.n_experts (the gap p_(k) − p_(k+1)); "
+                f"got top_k={self.model.top_k}, n_experts={self.model.n_experts}"
+            )
         return self
 
 

@@ -45,7 +45,7 @@ from moelab.models.layers import (
     rope_inv_freq,
 )
 from moelab.moe.experts import RoutedExperts
-from moelab.moe.losses import loss_coefficients, routing_losses, weighted_loss
+from moelab.moe.losses import loss_coefficients, routing_losses, specialization_losses, weighted_loss
 from moelab.moe.routing import RoutingInfo, TopKRouter
 
 
@@ -176,8 +176,11 @@ class CrossLayer(MoEModel):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The base init; then offsets 0 (every layer starts from the shared router) and θ 0 (α = ½)."""
+        """The base init (orthogonal shared gate with moe.router_init=orthogonal); then offsets 0 (every
+        layer starts from the shared router) and θ 0 (α = ½)."""
         normal_init(self, self.cfg)
+        if self.config.moe.router_init == "orthogonal":
+            nn.init.orthogonal_(self.shared_gate.weight)
         for router in self.routers():
             router.weight.zero_()
         for block in self.blocks:
@@ -228,6 +231,10 @@ class CrossLayer(MoEModel):
             moe = self.config.moe
             out.losses = {"ce": ce, **routing_losses(routing, self.cfg.top_k, moe.load_balance, valid)}
             out.losses["router_offset"] = self.router_offset_penalty()
+            router_weights = [
+                self.shared_gate.weight + router.weight for router in self.routers()
+            ]  # effective
+            out.losses.update(specialization_losses(routing, router_weights, self.config, valid))
             out.loss = weighted_loss(out.losses, loss_coefficients(self.config))
         return out
 

@@ -33,7 +33,7 @@ from moelab.models.layers import (
     rope_inv_freq,
 )
 from moelab.moe.experts import RoutedExperts
-from moelab.moe.losses import loss_coefficients, routing_losses, weighted_loss
+from moelab.moe.losses import loss_coefficients, routing_losses, specialization_losses, weighted_loss
 from moelab.moe.routing import TopKRouter
 
 
@@ -111,8 +111,12 @@ class OLMoE(MoEModel):
         return [moe.router for moe in self.moe_layers]
 
     def reset_parameters(self) -> None:
-        """N(0, init_std) (optionally truncated at ±3 std) for every matrix; norms 1; padding row 0."""
+        """N(0, init_std) (optionally truncated at ±3 std) for every matrix; norms 1; padding row 0;
+        orthogonal router rows with moe.router_init=orthogonal."""
         normal_init(self, self.cfg)
+        if self.config.moe.router_init == "orthogonal":
+            for router in self.routers():
+                nn.init.orthogonal_(router.weight)
         self.init_non_persistent()
 
     @torch.no_grad()
@@ -156,6 +160,8 @@ class OLMoE(MoEModel):
             ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1), ignore_index=-100)
             moe = self.config.moe
             out.losses = {"ce": ce, **routing_losses(routing, self.cfg.top_k, moe.load_balance, valid)}
+            router_weights = [router.weight for router in self.routers()]
+            out.losses.update(specialization_losses(routing, router_weights, self.config, valid))
             out.loss = weighted_loss(out.losses, loss_coefficients(self.config))
         return out
 

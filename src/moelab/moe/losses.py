@@ -12,6 +12,8 @@ does not enter these losses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moelab.moe.routing import expert_counts
@@ -67,6 +69,52 @@ def routing_losses(
     return losses
 
 
+# ----------------------------------------------------------------------------- specialization regularisers
+# Each is off (not computed, not in `out.losses`) while its coefficient in `moe:` is 0.
+
+
+def router_orthogonality(router_weights: list[torch.Tensor]) -> torch.Tensor:
+    """‖Ŵ Ŵᵀ − I‖_F / (E·√D) of the row-normalised router weights Ŵ (E, D), averaged over layers.
+
+    0 when the experts' routing directions are orthogonal; pushes experts apart in router space.
+    """
+    per_layer = []
+    for w in router_weights:
+        w_hat = torch.nn.functional.normalize(w.float(), dim=-1)  # (E, D) unit rows
+        E, D = w_hat.shape
+        gram = w_hat @ w_hat.T - torch.eye(E, device=w.device)
+        per_layer.append(torch.linalg.matrix_norm(gram) / (E * math.sqrt(D)))
+    return torch.stack(per_layer).mean()
+
+
+def topk_gap_loss(
+    router_logits: list[torch.Tensor], top_k: int, cap: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """−log(min(p_(k) − p_(k+1), cap) + 1e-8) on each token's sorted router probabilities, averaged over
+    real tokens and layers: a decisive router (a clear gap after its k-th choice) costs little."""
+    w = _valid_weights(router_logits[0].shape[0], valid, router_logits[0].device)
+    per_layer = []
+    for logits in router_logits:
+        top = torch.topk(logits.float().softmax(dim=-1), top_k + 1, dim=-1).values  # (T, k+1) descending
+        gap = (top[:, top_k - 1] - top[:, top_k]).clamp(max=cap)  # (T,)
+        per_layer.append((-torch.log(gap + 1e-8) * w).sum() / w.sum().clamp(min=1))
+    return torch.stack(per_layer).mean()
+
+
+def specialization_losses(
+    routing, router_weights: list[torch.Tensor], config, valid: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The specialization regularisers switched on in `config.moe` (unweighted). router_weights: the
+    (E, D_in) matrix each MoE layer's logits come from (for cross-layer routing: shared + offset)."""
+    moe, losses = config.moe, {}
+    if moe.router_orthogonality_coef > 0 and router_weights:
+        losses["router_orthogonality"] = router_orthogonality(router_weights)
+    if moe.topk_gap_coef > 0 and routing:
+        logits = [r.router_logits for r in routing]
+        losses["topk_gap"] = topk_gap_loss(logits, config.model.top_k, moe.topk_gap_cap, valid)
+    return losses
+
+
 # ----------------------------------------------------------------------------- weighting
 # Models return unweighted terms in `out.losses`; the coefficients (and their schedules) are applied
 # here only, by the model for `out.loss` and by the trainer with the step's schedule.
@@ -83,7 +131,8 @@ def loss_coefficients(config, step: int | None = None) -> dict[str, float]:
     """Weight of every loss term a model may return.
 
     ce = 1; load_balance = moe.load_balance_coef (decayed by train.load_balance_decay_steps at `step`;
-    no schedule when step is None); router_z = moe.z_loss_coef; and for a model-specific term NAME the
+    no schedule when step is None); router_z = moe.z_loss_coef; router_orthogonality, topk_gap =
+    moe.router_orthogonality_coef, moe.topk_gap_coef; and for a model-specific term NAME the
     architecture's own config field `model.NAME_coef`.
     """
     moe = config.moe
@@ -91,6 +140,8 @@ def loss_coefficients(config, step: int | None = None) -> dict[str, float]:
     if step is not None:
         lb = load_balance_coef_at(step, lb, config.train.load_balance_decay_steps)
     coefs = {"ce": 1.0, "load_balance": lb, "router_z": moe.z_loss_coef}
+    coefs["router_orthogonality"] = moe.router_orthogonality_coef
+    coefs["topk_gap"] = moe.topk_gap_coef
     for name, value in vars(config.model).items():
         if name.endswith("_coef") and isinstance(value, int | float):
             coefs[name.removesuffix("_coef")] = float(value)
