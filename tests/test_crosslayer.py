@@ -3,8 +3,10 @@ router on shared + offset weights, the offset penalty, parameter counts and conf
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import tiny_model_overrides
 
 import moelab
@@ -211,3 +213,32 @@ def test_research_configs_on_the_test_43_base_count_by_hand():
         with torch.device("meta"):
             assert moelab.build(config).count_parameters() == expected, name
     assert moelab.load_config(root / "test-49.yaml").moe.load_balance_coef == 0.002
+
+
+def test_trace_records_effective_router_similarity_and_analyze_reports_it(two_domain_data, tmp_path):
+    from moelab.interp import metrics
+    from moelab.interp.trace import trace
+    from moelab.interp.trace_file import Trace
+
+    tokenizer = two_domain_data / "tok" / "tokenizer.json"
+    tokens = two_domain_data / "tokens"
+    model = build("model.vocab_size=320", "model.eos_token_id=0", "model.pad_token_id=1")
+    moelab.save_checkpoint(model, tmp_path / "cl", tokenizer=tokenizer)
+    out = trace(tmp_path / "cl", tmp_path / "t", data=tokens, max_tokens=64, progress=False)
+    rows = [model.shared_gate.weight + r.weight for r in model.routers()]  # effective routers, (E, Z)
+    by_hand = [
+        [sum(F.cosine_similarity(a[e], b[e], dim=0).item() for e in range(8)) / 8 for b in rows] for a in rows
+    ]
+    recorded = Trace.open(out).meta["router_similarity"]
+    np.testing.assert_allclose(recorded, by_hand, atol=1e-6)
+    assert 0.2 < recorded[0][1] < 0.999  # offsets make the layers differ, the shared gate keeps them alike
+    result = metrics.analyze(Trace.open(out))
+    np.testing.assert_allclose(result["router_similarity"], by_hand, atol=1e-6)
+    assert "Effective-router similarity" in metrics.summary_table(result)
+
+    plain = moelab.build(
+        moelab.load_config(None, tiny_model_overrides("model.vocab_size=320", "model.eos_token_id=0"))
+    )
+    moelab.save_checkpoint(plain, tmp_path / "olmoe", tokenizer=tokenizer)
+    plain_trace = trace(tmp_path / "olmoe", tmp_path / "t2", data=tokens, max_tokens=64, progress=False)
+    assert "router_similarity" not in metrics.analyze(Trace.open(plain_trace))

@@ -303,6 +303,19 @@ def expert_continuity_all(trace: Trace) -> dict:
     return {"matrix": matrix, "by_distance": by_distance}
 
 
+def router_similarity(router_weights: list[np.ndarray]) -> np.ndarray:
+    """(L, L): for layers l and m, the mean over experts e of cos(W_l[e], W_m[e]), the rows of each
+    layer's effective router (E, D_in). Meaningful where expert e reads the same input at every layer
+    (cross-layer routing: shared gate + offset); 1 means every layer routes alike."""
+    unit = [w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12) for w in router_weights]
+    L = len(unit)
+    out = np.ones((L, L))
+    for first in range(L):
+        for second in range(first + 1, L):
+            out[first, second] = out[second, first] = float((unit[first] * unit[second]).sum(axis=1).mean())
+    return out
+
+
 def _layer_span(trace: Trace, layers: tuple[int, int] | None) -> tuple[int, int]:
     first, last = (0, trace.n_layers - 1) if layers is None else (int(layers[0]), int(layers[1]))
     if not 0 <= first <= last < trace.n_layers:
@@ -533,6 +546,8 @@ def analyze(
         "expert_continuity_all": results["continuity between all layers"],
         "paths": results["paths"],
     }
+    if "router_similarity" in trace.meta:  # recorded at trace time from the model's weights
+        out["router_similarity"] = trace.meta["router_similarity"]
     if results["contextual"] is not None:
         out["contextual"] = results["contextual"]
     saturations = [results[f"saturation {i}"] for i in range(len(refs))]
@@ -598,6 +613,12 @@ def summary_table(result: dict, reference: str = "the reference") -> str:
         lines.append(
             f"Some expert shared with the layer s above (random {random_next:.3f}): "
             + "  ".join(f"s={s} {_fmt(v)}" for s, v in every.items())
+        )
+    if "router_similarity" in result:
+        sim = np.asarray(result["router_similarity"])
+        lines.append(
+            "Effective-router similarity with the layer s above (mean cosine over experts): "
+            + "  ".join(f"s={s} {np.diagonal(sim, s).mean():.3f}" for s in range(1, len(sim)))
         )
     if "contextual" in result:
         lines += ["", "Contextual words (TIS / ICS per layer):"]

@@ -46,6 +46,7 @@ class Router:
     tokenizer_path: Path | None
     seq_len: int  # default window
     seq_len_limit: int  # positions the model supports
+    router_similarity: list | None = None  # (L, L) effective-router similarity, models that expose it
 
 
 def open_router(path: str | Path, device: str | torch.device | None = None) -> Router:
@@ -102,7 +103,20 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
         tokenizer_path=tok if tok.is_file() else None,
         seq_len=min(cfg.data.seq_len, cfg.model.max_seq_len),
         seq_len_limit=cfg.model.max_seq_len,
+        router_similarity=_router_similarity(model),
     )
+
+
+def _router_similarity(model) -> list | None:
+    """metrics.router_similarity of the model's effective routers, for models with
+    `effective_router_weights()` (cross-layer routing); None otherwise."""
+    if not callable(getattr(model, "effective_router_weights", None)):
+        return None
+    from moelab.interp.metrics import router_similarity
+
+    with torch.no_grad():
+        weights = [w.float().cpu().numpy() for w in model.effective_router_weights()]
+    return router_similarity(weights).tolist()
 
 
 # ----------------------------------------------------------------------------- token sources
@@ -278,6 +292,8 @@ def trace(
         "contextual": None,
         "data": None,
     }
+    if router.router_similarity is not None:
+        meta["router_similarity"] = router.router_similarity
     if contextual:
         from moelab.interp.contextual import load_contextual_set
 

@@ -238,6 +238,10 @@ class CrossLayer(MoEModel):
             out.loss = weighted_loss(out.losses, loss_coefficients(self.config))
         return out
 
+    def effective_router_weights(self) -> list[torch.Tensor]:
+        """(E, Z) per MoE layer: shared gate + that layer's offset (what `moelab trace` compares)."""
+        return [self.shared_gate.weight + router.weight for router in self.routers()]
+
     def telemetry(self) -> dict[str, torch.Tensor]:
         """Logged by the trainer under "model": the mixing weight α_l of every block that has one."""
         thetas = [b.routing_update.theta for b in self.blocks if b.routing_update is not None]
