@@ -24,9 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from moelab.models.layers import KVCache, attention_mask_4d, rope_cos_sin, rope_inv_freq
 from moelab.moe.experts import RoutedExperts
+from moelab.moe.losses import loss_coefficients, routing_losses, specialization_losses, weighted_loss
 from moelab.moe.routing import RoutingInfo, expert_counts
 
 
@@ -48,6 +51,52 @@ class MoEModel(nn.Module):
 
     def routers(self) -> list[nn.Module]:
         raise NotImplementedError(f"{type(self).__name__} must list its routers (see moelab.models.base)")
+
+    # -- plumbing shared by models built from models/layers.py: they hold `cfg` (config.model),
+    # `embed` (nn.Embedding) and a non-persistent `inv_freq` buffer (Dh/2,).
+
+    @torch.no_grad()
+    def init_non_persistent(self) -> None:
+        """Buffers that are derived, not saved: the RoPE inverse frequencies."""
+        self.inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.inv_freq.device))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p, cfg = self.embed.weight, self.cfg
+        return KVCache(cfg.n_total_layers, batch, cfg.n_heads, max_len, cfg.head_dim, p.device, p.dtype)
+
+    def positions(self, input_ids, attention_mask, cache, position_ids, dtype):
+        """RoPE cos/sin (B, 1, N, Dh) and the attention mask for a forward call (after the cache)."""
+        B, N = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + N, device=input_ids.device).expand(B, N)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, dtype)
+        return cos, sin, attention_mask_4d(attention_mask, N, start + N, input_ids.device)
+
+    def router_weights(self) -> list[torch.Tensor]:
+        """The (E, D_in) matrix of each MoE layer's router (the router-orthogonality regulariser reads it);
+        an architecture whose logits come from more than one matrix returns their effective sum."""
+        return [router.weight for router in self.routers()]
+
+    def output(self, input_ids, logits, routing, labels, attention_mask, extra_losses=None) -> MoEOutput:
+        """The output contract from the logits and routing: expert counts of real tokens and, with labels,
+        the unweighted terms (ce, balancing, switched-on specialization regularisers, `extra_losses`
+        of the architecture) and their weighted sum."""
+        N = input_ids.shape[1]  # this call's tokens (logits may be cut to fewer positions by a hook)
+        valid = attention_mask[:, -N:].reshape(-1) if attention_mask is not None else None  # (T,) real
+        out = MoEOutput(
+            logits, routing=routing, expert_counts=routing_counts(routing, self.cfg.n_experts, valid)
+        )
+        if labels is not None:
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1), ignore_index=-100)
+            out.losses = {
+                "ce": ce,
+                **routing_losses(routing, self.cfg.top_k, self.config.moe.load_balance, valid),
+            }
+            out.losses.update(extra_losses or {})
+            out.losses.update(specialization_losses(routing, self.router_weights(), self.config, valid))
+            out.loss = weighted_loss(out.losses, loss_coefficients(self.config))
+        return out
 
     def count_parameters(self) -> dict[str, int]:
         """total: every parameter once. active: what one token uses = everything but the routed experts,

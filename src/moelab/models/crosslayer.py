@@ -34,18 +34,14 @@ from torch import nn
 
 from moelab.config import Config, ModelConfig
 from moelab.errors import ConfigError
-from moelab.models.base import MoEModel, MoEOutput, normal_init, routing_counts
+from moelab.models.base import MoEModel, MoEOutput, normal_init
 from moelab.models.layers import (
     Attention,
     KVCache,
     RMSNorm,
     SwiGLU,
-    attention_mask_4d,
-    rope_cos_sin,
-    rope_inv_freq,
 )
 from moelab.moe.experts import RoutedExperts
-from moelab.moe.losses import loss_coefficients, routing_losses, specialization_losses, weighted_loss
 from moelab.moe.routing import RoutingInfo, TopKRouter
 
 
@@ -188,15 +184,6 @@ class CrossLayer(MoEModel):
                 block.routing_update.theta.zero_()
         self.init_non_persistent()
 
-    @torch.no_grad()
-    def init_non_persistent(self) -> None:
-        """Buffers that are derived, not saved: the RoPE inverse frequencies."""
-        self.inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.inv_freq.device))
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p, cfg = self.embed.weight, self.cfg
-        return KVCache(cfg.n_total_layers, batch, cfg.n_heads, max_len, cfg.head_dim, p.device, p.dtype)
-
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, N)
@@ -205,42 +192,25 @@ class CrossLayer(MoEModel):
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,  # (B, N); default: positions after the cache
     ) -> MoEOutput:
-        B, N = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(start, start + N, device=input_ids.device).expand(B, N)
         e = self.embed(input_ids)  # (B, N, D + Z)
         x, r = e[..., : self.cfg.d_model], e[..., self.cfg.d_model :]  # (B, N, D), (B, N, Z)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
-        mask = attention_mask_4d(attention_mask, N, start + N, input_ids.device)
+        cos, sin, mask = self.positions(input_ids, attention_mask, cache, position_ids, x.dtype)
         routing = []
         for i, block in enumerate(self.blocks):
             x, r, info = block(x, r, self.shared_gate.weight, cos, sin, mask, cache, i)
             if info is not None:
                 routing.append(info)
         if cache is not None:
-            cache.length += N
+            cache.length += input_ids.shape[1]
         logits = self.lm_head(self.norm(x))  # (B, N, V)
-
-        valid = attention_mask[:, -N:].reshape(-1) if attention_mask is not None else None  # (T,) real tokens
-        out = MoEOutput(
-            logits, routing=routing, expert_counts=routing_counts(routing, self.cfg.n_experts, valid)
-        )
-        if labels is not None:
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1), ignore_index=-100)
-            moe = self.config.moe
-            out.losses = {"ce": ce, **routing_losses(routing, self.cfg.top_k, moe.load_balance, valid)}
-            out.losses["router_offset"] = self.router_offset_penalty()
-            router_weights = [
-                self.shared_gate.weight + router.weight for router in self.routers()
-            ]  # effective
-            out.losses.update(specialization_losses(routing, router_weights, self.config, valid))
-            out.loss = weighted_loss(out.losses, loss_coefficients(self.config))
-        return out
+        extra = {"router_offset": self.router_offset_penalty()} if labels is not None else None
+        return self.output(input_ids, logits, routing, labels, attention_mask, extra)
 
     def effective_router_weights(self) -> list[torch.Tensor]:
         """(E, Z) per MoE layer: shared gate + that layer's offset (what `moelab trace` compares)."""
         return [self.shared_gate.weight + router.weight for router in self.routers()]
+
+    router_weights = effective_router_weights  # what the router-orthogonality regulariser reads
 
     def telemetry(self) -> dict[str, torch.Tensor]:
         """Logged by the trainer under "model": the mixing weight α_l of every block that has one."""
