@@ -78,6 +78,11 @@ class MoEModel(nn.Module):
         an architecture whose logits come from more than one matrix returns their effective sum."""
         return [router.weight for router in self.routers()]
 
+    def balance_losses(self, routing, valid) -> dict[str, torch.Tensor]:
+        """The balancing terms (load_balance, router_z) over flat top-k routers; an architecture that
+        routes differently (e.g. a tree of branch choices) overrides this."""
+        return routing_losses(routing, self.cfg.top_k, self.config.moe.load_balance, valid)
+
     def output(self, input_ids, logits, routing, labels, attention_mask, extra_losses=None) -> MoEOutput:
         """The output contract from the logits and routing: expert counts of real tokens and, with labels,
         the unweighted terms (ce, balancing, switched-on specialization regularisers, `extra_losses`
@@ -89,10 +94,7 @@ class MoEModel(nn.Module):
         )
         if labels is not None:
             ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1), ignore_index=-100)
-            out.losses = {
-                "ce": ce,
-                **routing_losses(routing, self.cfg.top_k, self.config.moe.load_balance, valid),
-            }
+            out.losses = {"ce": ce, **self.balance_losses(routing, valid)}
             out.losses.update(extra_losses or {})
             out.losses.update(specialization_losses(routing, self.router_weights(), self.config, valid))
             out.loss = weighted_loss(out.losses, loss_coefficients(self.config))

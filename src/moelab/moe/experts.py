@@ -12,9 +12,10 @@ Dispatchers are plain callables `dispatcher(experts, x, topk_ids, topk_weights) 
                            implement the same call.
 
 Mixed widths (`model.expert_widths: [r1, r2, ...]`): the E experts split into len(widths) equal groups,
-in order, of hidden width int(r · d_expert). Each group is stacked separately: parameters `gate_up`,
-`down` for equal widths (one group, the names transformers' OLMoE conversion knows), `gate_up_{g}`,
-`down_{g}` for group g otherwise. Every parameter lives under `.experts.`, the marker that gradient
+in order, of hidden width int(r · d_expert); an architecture may also pass each expert's width
+(`hidden=`, e.g. tree experts narrowing with depth). Each run of equal widths is stacked separately:
+parameters `gate_up`, `down` for equal widths (one group, the names transformers' OLMoE conversion
+knows), `gate_up_{g}`, `down_{g}` for group g otherwise. Every parameter lives under `.experts.`, the marker that gradient
 clipping, parameter counting and HF conversion use for routed experts.
 """
 
@@ -65,16 +66,23 @@ class RoutedExperts(nn.Module):
         d_expert: int,
         widths: Sequence[float] = (),
         dispatcher: Dispatcher | None = None,
+        hidden: Sequence[int] | None = None,
     ):
+        """hidden: an explicit hidden width per expert (e.g. a tree's widths by depth), instead of
+        d_expert and `widths`; each run of consecutive equal widths becomes one stacked group."""
         super().__init__()
         self.n_experts = n_experts
-        self.hidden = expert_hidden_widths(n_experts, d_expert, widths)  # [I_e] per expert
-        n_groups = max(len(widths), 1)
-        size = n_experts // n_groups
+        self.hidden = (
+            list(hidden) if hidden is not None else expert_hidden_widths(n_experts, d_expert, widths)
+        )
+        if len(self.hidden) != n_experts:
+            raise ValueError(f"{len(self.hidden)} hidden widths given for {n_experts} experts")
+        starts = [e for e in range(n_experts) if e == 0 or self.hidden[e] != self.hidden[e - 1]]
+        ends = starts[1:] + [n_experts]
         self.group_names = []  # (first expert, gate_up name, down name) per width group
-        for g in range(n_groups):
-            first, width = g * size, self.hidden[g * size]
-            suffix = "" if n_groups == 1 else f"_{g}"
+        for g, (first, end) in enumerate(zip(starts, ends)):
+            size, width = end - first, self.hidden[first]
+            suffix = "" if len(starts) == 1 else f"_{g}"
             gate_up = nn.Parameter(torch.empty(size, d_model, 2 * width))  # (n, D, 2I) = [gate | up]
             down = nn.Parameter(torch.empty(size, width, d_model))  # (n, I, D)
             self.register_parameter(f"gate_up{suffix}", gate_up)
