@@ -54,6 +54,10 @@ CASES = [Case(name, (f"model.arch={name}",)) for name in ARCHITECTURES] + [
         "olmoe-dense-first-shared-expert",
         ("model.n_dense_layers=1", "model.d_dense=48", "model.n_shared_experts=1"),
     ),
+    Case(
+        "crosslayer-window-attention",
+        ("model.arch=crosslayer", "model.routing_window=3", "model.routing_attention_heads=2"),
+    ),
     Case("shared-router", (f"model.arch={SHARED_ROUTER}", "model.router_norm_coef=0.1"), ("router_norm",)),
 ]
 all_cases = pytest.mark.parametrize("case", CASES, ids=str)

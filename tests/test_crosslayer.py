@@ -11,6 +11,7 @@ from helpers import tiny_model_overrides
 
 import moelab
 from moelab.errors import ConfigError
+from moelab.train.telemetry import model_telemetry
 
 Z = 8
 
@@ -198,7 +199,7 @@ def test_moelab_new_from_crosslayer_writes_its_own_fields(tmp_path):
 
 def test_research_configs_on_the_test_43_base_count_by_hand():
     """test-45 (alpha mix) and test-49 (alpha + widths 0.3/0.7/1.0/2.0 of d_expert 640 = 192, 448, 640,
-    1280: the same mean width, hence the same counts)."""
+    1280: the same mean width, hence the same counts); test-47 (+ window) and test-50 (+ attention)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs" / "research"
@@ -207,11 +208,18 @@ def test_research_configs_on_the_test_43_base_count_by_hand():
     layer = 4 * D * D + 2 * D + 2 * D + update + E * Z + E * 3 * D * I + 3 * D * I  # + 1 shared expert
     total = V * (D + Z) + E * Z + L * layer + D + V * D
     expected = {"total": total, "active": total - L * (E - k) * 3 * D * I}
-    for name in ("test-45", "test-49"):
+    window = L * 1  # test-47: one φ per block
+    attention = L * (4 * Z * Z + Z)  # test-50: q, k, v, o (Z×Z) and the Z-wide norm per block
+    extra = {"test-45": 0, "test-49": 0, "test-47": window, "test-50": attention}
+    for name, more in extra.items():
         config = moelab.load_config(root / f"{name}.yaml")
         assert config.model.routing_mix == "alpha" and config.model.routing_dim == Z
         with torch.device("meta"):
-            assert moelab.build(config).count_parameters() == expected, name
+            counts = moelab.build(config).count_parameters()
+        assert counts == {k: v + more for k, v in expected.items()}, name
+    test_47 = moelab.load_config(root / "test-47.yaml").model
+    assert (test_47.routing_window, test_47.routing_window_gamma_init) == (8, 1.0)
+    assert moelab.load_config(root / "test-50.yaml").model.routing_attention_heads == 1
     assert moelab.load_config(root / "test-49.yaml").moe.load_balance_coef == 0.002
 
 
@@ -242,3 +250,137 @@ def test_trace_records_effective_router_similarity_and_analyze_reports_it(two_do
     moelab.save_checkpoint(plain, tmp_path / "olmoe", tokenizer=tokenizer)
     plain_trace = trace(tmp_path / "olmoe", tmp_path / "t2", data=tokens, max_tokens=64, progress=False)
     assert "router_similarity" not in metrics.analyze(Trace.open(plain_trace))
+
+
+# ----------------------------------------------------------------------------- window and attention
+
+
+def rope_by_hand(x, positions, theta=10000.0):
+    """x: (N, d) rotated pairwise (i, i + d/2) by angle position · theta^(-2i/d)."""
+    d = x.shape[-1]
+    freq = theta ** (-torch.arange(0, d, 2).float() / d)  # (d/2,)
+    angle = positions[:, None].float() * freq  # (N, d/2)
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[:, : d // 2], x[:, d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def context_by_hand(r, update, ids, valid, positions, eos, W):
+    """One sequence's window and attention steps by per-token loops. r: (N, Z) after the update's norm."""
+    N = r.shape[0]
+    docs = [sum(int(ids[j] == eos) for j in range(t)) for t in range(N)]  # a document starts after eos
+    if W:
+        gamma = 0.5 + 0.5 * torch.tanh(update.phi.detach())
+        means = []
+        for t in range(N):
+            members = [j for j in range(max(0, t - W + 1), t + 1) if docs[j] == docs[t] and valid[j]]
+            means.append(torch.stack([r[j] for j in members]).mean(0) if members else torch.zeros(Z))
+        r = (1 - gamma) * r + gamma * torch.stack(means)
+    other = None
+    if update.attention is not None:
+        att = update.attention
+        H, dh = att.n_heads, att.head_dim
+        q, k, v = (r @ p.weight.T for p in (att.q_proj, att.k_proj, att.v_proj))  # (N, Z)
+        heads, others = [], []
+        for h in range(H):
+            sl = slice(h * dh, (h + 1) * dh)
+            qh, kh = rope_by_hand(q[:, sl], positions), rope_by_hand(k[:, sl], positions)
+            rows = []
+            for t in range(N):
+                keys = [j for j in range(t + 1) if valid[j] or j == t]
+                p = torch.softmax(torch.stack([qh[t] @ kh[j] for j in keys]) / dh**0.5, dim=0)
+                rows.append(sum(pj * v[j, sl] for pj, j in zip(p, keys)))
+                others.append((h, t, 1 - p[keys.index(t)].item()))
+            heads.append(torch.stack(rows))
+        y = torch.cat(heads, dim=-1) @ att.o_proj.weight.T
+        r = rms(r + y) * att.norm.weight
+        real = [t for t in range(N) if valid[t]]
+        other = sum(o for h, t, o in others if valid[t]) / (H * len(real))
+    return r, other
+
+
+@pytest.mark.parametrize("window,heads", [(3, 0), (0, 2), (3, 2)])
+def test_window_and_routing_attention_by_hand(window, heads):
+    eos = 5
+    model = build(
+        "model.routing_mix=alpha",
+        f"model.routing_window={window}",
+        "model.routing_window_gamma_init=0.7",
+        f"model.routing_attention_heads={heads}",
+        f"model.eos_token_id={eos}",
+    )
+    ids = torch.randint(6, 128, (2, 9))
+    ids[0, 3] = ids[0, 6] = ids[1, 5] = eos  # three document boundaries
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0  # left padding in the second row
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    seen = []
+    handles = [b.mlp_norm.register_forward_hook(lambda m, i, o: seen.append(o)) for b in model.blocks]
+    out = model(ids, attention_mask=mask, position_ids=positions)
+    for h in handles:
+        h.remove()
+    others = {}  # layer -> [(row's mean attention to others, row's real tokens)]
+    for b in range(2):
+        r = model.embed.weight[ids[b]][:, 64:]
+        real = mask[b].bool()
+        for layer, (block, xhat) in enumerate(zip(model.blocks, seen)):
+            up, h = block.routing_update, xhat[b]
+            u = (h @ up.a.weight.T) * F.silu(h @ up.b.weight.T)
+            alpha = 0.5 + 0.5 * torch.tanh(up.theta.detach())
+            r = rms((1 - alpha) * r + alpha * u) * up.norm.weight
+            r, other = context_by_hand(r, up, ids[b], real, positions[b], eos, window)
+            got = out.routing[layer].extra["routing_state"].view(2, 9, Z)[b]
+            torch.testing.assert_close(got[real], r[real], atol=1e-5, rtol=1e-5)
+            others.setdefault(layer, []).append((other, int(real.sum())))
+    for layer, rows in others.items():
+        recorded = out.routing[layer].extra.get("routing_attention_other")
+        if not heads:
+            assert recorded is None
+            continue
+        by_hand = sum(o * n for o, n in rows) / sum(n for _, n in rows)  # mean over all real queries
+        assert abs(float(recorded) - by_hand) < 1e-5
+        assert 0.0 < by_hand < 1.0
+    telemetry = model_telemetry(model)  # what the trainer logs
+    if window:
+        expected = 0.5 + 0.5 * np.tanh(0.7)  # γ at init, every block
+        np.testing.assert_allclose(telemetry["routing_window_gamma"], [expected] * 2, rtol=1e-6)
+    if heads:
+        recorded = [float(out.routing[layer].extra["routing_attention_other"]) for layer in others]
+        np.testing.assert_allclose(telemetry["routing_attention_other"], recorded, rtol=1e-6)
+
+
+def test_decoding_with_a_cache_keeps_documents_windows_and_routing_attention():
+    """Token-by-token decoding (the cache holds past states, document ids and routing keys/values)
+    reproduces the full forward pass, across a document boundary."""
+    eos = 5
+    model = build("model.routing_window=4", "model.routing_attention_heads=2", f"model.eos_token_id={eos}")
+    ids = torch.randint(6, 128, (1, 10))
+    ids[0, 4] = eos
+    full = model(ids)
+    cache = model.new_cache(1, 10)
+    states = [[] for _ in full.routing]
+    with torch.no_grad():
+        for t in range(10):
+            out = model(ids[:, t : t + 1], cache=cache)
+            torch.testing.assert_close(out.logits[0, 0], full.logits[0, t], atol=1e-5, rtol=1e-5)
+            for layer, info in enumerate(out.routing):
+                states[layer].append(info.extra["routing_state"][0])
+    for layer, info in enumerate(full.routing):
+        torch.testing.assert_close(
+            torch.stack(states[layer]), info.extra["routing_state"], atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.routing_attention_heads=3", "must split into model.routing_attention_heads=3 heads"),
+        ("model.routing_attention_heads=8", "heads of even width"),
+        ("model.routing_window=-1", "must be >= 0"),
+    ],
+)
+def test_routing_context_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        moelab.load_config(
+            None, tiny_model_overrides("model.arch=crosslayer", f"model.routing_dim={Z}", override)
+        )

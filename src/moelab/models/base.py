@@ -64,13 +64,20 @@ class MoEModel(nn.Module):
         p, cfg = self.embed.weight, self.cfg
         return KVCache(cfg.n_total_layers, batch, cfg.n_heads, max_len, cfg.head_dim, p.device, p.dtype)
 
-    def positions(self, input_ids, attention_mask, cache, position_ids, dtype):
-        """RoPE cos/sin (B, 1, N, Dh) and the attention mask for a forward call (after the cache)."""
+    @staticmethod
+    def position_ids(input_ids, cache, position_ids=None) -> torch.Tensor:
+        """(B, N) the given positions, or by default the positions after the cache."""
+        if position_ids is not None:
+            return position_ids
         B, N = input_ids.shape
         start = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(start, start + N, device=input_ids.device).expand(B, N)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, dtype)
+        return torch.arange(start, start + N, device=input_ids.device).expand(B, N)
+
+    def positions(self, input_ids, attention_mask, cache, position_ids, dtype):
+        """RoPE cos/sin (B, 1, N, Dh) and the attention mask for a forward call (after the cache)."""
+        N = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        cos, sin = rope_cos_sin(self.position_ids(input_ids, cache, position_ids), self.inv_freq, dtype)
         return cos, sin, attention_mask_4d(attention_mask, N, start + N, input_ids.device)
 
     def router_weights(self) -> list[torch.Tensor]:
