@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from moelab.errors import MoelabError
+from moelab.interp import structure
 from moelab.interp.trace_file import FORMAT as FORMAT  # re-exported: the format's name
 from moelab.interp.trace_file import Trace  # also re-exported: `from moelab.interp.metrics import Trace`
 
@@ -491,15 +492,17 @@ def analyze(
 ) -> dict:
     """Every metric of `trace` as a JSON-ready dict (the structure `moelab analyze --json` prints).
 
-    "contextual" is present for contextual traces only, "saturation" only with `compare`: one
-    reference gives {"top1", "topk"}; several give a list of {"reference", "top1", "topk"}.
+    Layer rows get "width_load" for traces with mixed expert widths, the result gets "tree" for tree
+    traces (moelab.interp.structure); "contextual" is present for contextual traces only, "saturation"
+    only with `compare`: one reference gives {"top1", "topk"}; several give a list of {"reference",
+    "top1", "topk"}.
     """
     from tqdm import tqdm
 
     refs = [] if compare is None else [compare] if isinstance(compare, Trace) else list(compare)
     path_layers = _layer_span(trace, path_layers)
     steps = [
-        ("load", lambda: load(trace)),
+        ("load", lambda: expert_token_counts(trace)),
         ("router entropy", lambda: router_entropy(trace)),
         ("co-activation", lambda: coactivation(trace)),
         ("domains", lambda: domain_specialization(trace)),
@@ -509,6 +512,7 @@ def analyze(
         ("continuity between all layers", lambda: expert_continuity_all(trace)),
         ("paths", lambda: paths(trace, path_layers)),
         ("contextual", lambda: contextual(trace)),
+        ("structure", lambda: structure.analysis(trace, results["load"], results["domains"])),
     ] + [(f"saturation {i}", lambda ref=ref: saturation(trace, ref)) for i, ref in enumerate(refs)]
     results = {}
     bar = tqdm(steps, desc="analyze", unit="metric", disable=not progress, file=sys.stderr, leave=False)
@@ -517,7 +521,8 @@ def analyze(
         results[name] = step()
     bar.close()
 
-    loads, entropy, vocab = results["load"], results["router entropy"], results["vocabulary"]
+    counts, entropy, vocab = results["load"], results["router entropy"], results["vocabulary"]
+    loads = np.nan_to_num(_shares(counts, counts.sum(axis=1, keepdims=True)), nan=0.0)
     vios, domains = max_vio(trace, loads), results["domains"]
     layers = [
         {
@@ -536,6 +541,10 @@ def analyze(
         }
         for layer in range(trace.n_layers)
     ]
+    shape = results["structure"]
+    if shape["width_load"] is not None:  # mixed expert widths
+        for row, widths in zip(layers, shape["width_load"]):
+            row["width_load"] = widths
     out = {
         "n_tokens": trace.n_tokens,
         "n_layers": trace.n_layers,
@@ -548,6 +557,8 @@ def analyze(
     }
     if "router_similarity" in trace.meta:  # recorded at trace time from the model's weights
         out["router_similarity"] = trace.meta["router_similarity"]
+    if shape["tree"] is not None:
+        out["tree"] = shape["tree"]
     if results["contextual"] is not None:
         out["contextual"] = results["contextual"]
     saturations = [results[f"saturation {i}"] for i in range(len(refs))]
@@ -620,6 +631,7 @@ def summary_table(result: dict, reference: str = "the reference") -> str:
             "Effective-router similarity with the layer s above (mean cosine over experts): "
             + "  ".join(f"s={s} {np.diagonal(sim, s).mean():.3f}" for s in range(1, len(sim)))
         )
+    lines += structure.summary_lines(result)
     if "contextual" in result:
         lines += ["", "Contextual words (TIS / ICS per layer):"]
         for word, tis in result["contextual"]["tis"].items():

@@ -80,12 +80,42 @@ def _check_meta(meta: object, where: str) -> dict:
             raise bad(
                 "contextual must be null or {'words': [...], 'token_ids': [...], 'senses': [[...], ...]}"
             )
+    _check_structure(meta, bad)
     return {
         **meta,
         "domains": domains,
         "has_router_probs": bool(meta.get("has_router_probs")),
         "contextual": ctx,
     }
+
+
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _check_structure(meta: dict, bad) -> None:
+    """The optional structure entries: `expert_widths` (one list of E positive widths per MoE layer) and
+    `tree` ({"branches": b >= 2, "depth": D >= 1} with E = b + b² + … + b^D experts, one per edge)."""
+    L, E = meta["n_layers"], meta["n_experts"]
+    widths = meta.get("expert_widths")
+    if widths is not None and not (
+        isinstance(widths, list)
+        and len(widths) == L
+        and all(isinstance(row, list) and len(row) == E and all(_is_int(w, 1) for w in row) for row in widths)
+    ):
+        raise bad(f"expert_widths must be {L} lists (one per MoE layer) of {E} positive integers")
+    tree = meta.get("tree")
+    if tree is not None:
+        if not (
+            isinstance(tree, dict) and _is_int(tree.get("branches"), 2) and _is_int(tree.get("depth"), 1)
+        ):
+            raise bad('tree must be {"branches": integer >= 2, "depth": integer >= 1}')
+        b, depth = tree["branches"], tree["depth"]
+        edges = sum(b**d for d in range(1, depth + 1))
+        if edges != E:
+            raise bad(
+                f"a tree of {b} branches and depth {depth} has {edges} experts (edges), not n_experts {E}"
+            )
 
 
 def _numpy(x) -> np.ndarray | None:
@@ -183,12 +213,14 @@ class Trace:
         context_target=None,
         positions=None,
         name: str = "<in-memory trace>",
+        meta: dict | None = None,
     ) -> Trace:
         """A trace built from arrays (numpy or torch), for tests and notebooks.
 
         topk_ids (L, T, k) integers (-1 = no expert); the (T,) arrays are optional. n_experts defaults
         to the largest id + 1; domain names default to "0", "1", ...; `contextual` is the meta.json
-        entry {"words", "token_ids", "senses"} and goes with the three context_* arrays.
+        entry {"words", "token_ids", "senses"} and goes with the three context_* arrays; `meta`: more
+        meta.json entries (e.g. "expert_widths", "tree").
         """
         ids = _numpy(topk_ids)
         if ids.ndim != 3 or ids.dtype.kind not in "iu" or 0 in ids.shape:
@@ -224,6 +256,7 @@ class Trace:
         if not names and arrays["domains"] is not None and arrays["domains"].size:
             names = [str(d) for d in range(int(arrays["domains"].max()) + 1)]
         meta = {
+            **(meta or {}),
             "format": FORMAT,
             "model": None,
             "source": "moelab",
