@@ -175,3 +175,32 @@ def test_trace_refuses_to_replace_a_directory_that_is_not_a_trace(workspace, tmp
         trace_mod.trace(
             workspace["ckpt"], tmp_path / "t", data=workspace["tokens"], contextual=True, progress=False
         )
+
+
+def test_trace_records_expert_widths_and_tree_shape(workspace, tmp_path):
+    """Mixed widths: each layer's routed expert widths, read from the model; equal widths: no entry. A model
+    config with tree_branches and tree_depth gets meta["tree"]."""
+    plain = trace_mod.open_router(workspace["ckpt"])
+    assert plain.expert_widths is None and plain.tree is None
+    config = workspace["model"].config
+    overrides = [f"model.{key}={getattr(config.model, key)}" for key in
+                 ("vocab_size", "d_model", "n_layers", "n_heads", "d_expert", "n_experts", "top_k",
+                  "max_seq_len", "pad_token_id", "eos_token_id")]  # fmt: skip
+    mixed = moelab.build(moelab.load_config(None, [*overrides, "model.expert_widths=[0.5,1.0]"]))
+    ckpt = moelab.save_checkpoint(
+        mixed, tmp_path / "mixed", tokenizer=workspace["root"] / "tok" / "tokenizer.json"
+    )
+    router = trace_mod.open_router(ckpt)
+    out = trace_mod.trace(router, tmp_path / "t", data=workspace["tokens"], max_tokens=30, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["expert_widths"] == [[16, 16, 16, 32, 32, 32]] * 3 and "tree" not in meta
+    from types import SimpleNamespace
+
+    assert trace_mod._tree(SimpleNamespace(tree_branches=2, tree_depth=3)) == {"branches": 2, "depth": 3}
+    assert trace_mod._tree(config.model) is None
+    tree = trace_mod.Router(**{**router.__dict__, "n_experts": 6, "tree": {"branches": 2, "depth": 2}})
+    out = trace_mod.trace(tree, tmp_path / "tree", data=workspace["tokens"], max_tokens=30, progress=False)
+    assert json.loads((out / "meta.json").read_text())["tree"] == {"branches": 2, "depth": 2}
+    from moelab.interp.metrics import Trace, analyze
+
+    assert analyze(Trace.open(out))["tree"]["paths"][0]["routed"] == 30

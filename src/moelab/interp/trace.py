@@ -22,6 +22,7 @@ from moelab.io import atomic_dir
 from moelab.models.base import model_routers
 from moelab.moe.routing import RoutingInfo
 from moelab.train.device import autocast_for
+from moelab.train.telemetry import expert_widths
 
 log = logging.getLogger(__name__)
 FORMAT = "moelab-trace/1"
@@ -47,6 +48,8 @@ class Router:
     seq_len: int  # default window
     seq_len_limit: int  # positions the model supports
     router_similarity: list | None = None  # (L, L) effective-router similarity, models that expose it
+    expert_widths: list | None = None  # (L, E) hidden width of each routed expert, when they differ
+    tree: dict | None = None  # {"branches", "depth"} of tree-routed models
 
 
 def open_router(path: str | Path, device: str | torch.device | None = None) -> Router:
@@ -104,7 +107,18 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
         seq_len=min(cfg.data.seq_len, cfg.model.max_seq_len),
         seq_len_limit=cfg.model.max_seq_len,
         router_similarity=_router_similarity(model),
+        expert_widths=expert_widths(model),
+        tree=_tree(cfg.model),
     )
+
+
+def _tree(model_cfg) -> dict | None:
+    """{"branches": b, "depth": D} for a model config with `tree_branches` and `tree_depth` (tree
+    routing: the experts are the edges of a perfect b-ary tree), else None."""
+    branches, depth = getattr(model_cfg, "tree_branches", None), getattr(model_cfg, "tree_depth", None)
+    if branches is None or depth is None:
+        return None
+    return {"branches": int(branches), "depth": int(depth)}
 
 
 def _router_similarity(model) -> list | None:
@@ -294,6 +308,10 @@ def trace(
     }
     if router.router_similarity is not None:
         meta["router_similarity"] = router.router_similarity
+    if router.expert_widths is not None:
+        meta["expert_widths"] = router.expert_widths
+    if router.tree is not None:
+        meta["tree"] = router.tree
     if contextual:
         from moelab.interp.contextual import load_contextual_set
 

@@ -1,16 +1,20 @@
 """Cheap per-step routing statistics, computed on device (the trainer reads them back in one transfer).
 
 Per MoE layer: expert token counts, MaxVio = max(load)/mean(load) − 1, mean router entropy (nats)
-over real tokens, the range of the loss-free balancing bias, and the RMS of the routing state where a
-model returns one (`RoutingInfo.extra["routing_state"]`, cross-layer routing). Model-level values
+over real tokens, the range of the loss-free balancing bias, the RMS of the routing state where a
+model returns one (`RoutingInfo.extra["routing_state"]`, cross-layer routing), and, for models whose
+routed experts have unequal hidden widths, the load share of each width group. Model-level values
 come from an optional `model.telemetry()` (e.g. the cross-layer mixing weights α_l).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moelab.models.base import model_routers
+from moelab.moe.experts import RoutedExperts
 from moelab.moe.routing import RoutingInfo
 
 
@@ -63,3 +67,47 @@ def model_telemetry(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{name: (n,) tensor} from the model's optional `telemetry()` method; {} without one."""
     values = model.telemetry() if callable(getattr(model, "telemetry", None)) else {}
     return {name: v.detach().float().reshape(-1) for name, v in values.items()}
+
+
+def expert_widths(model: torch.nn.Module) -> list[list[int]] | None:
+    """Hidden width of every routed expert, one list per MoE layer in `model.routers()` order, or None
+    when every expert has the same width.
+
+    Read from the model's `RoutedExperts` modules (module order = layer order); one module shared by
+    every layer is listed once per layer. None too when the modules do not map onto the layers."""
+    modules = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    n_layers = len(model_routers(model))
+    if len(modules) == 1:
+        modules = modules * n_layers
+    if not modules or len(modules) != n_layers:
+        return None
+    widths = [[int(w) for w in m.hidden] for m in modules]
+    return widths if len({w for row in widths for w in row}) > 1 else None
+
+
+@dataclass
+class WidthGroups:
+    """The experts of each MoE layer grouped by hidden width, for `width_group_load`."""
+
+    widths: list[int]  # (G,) distinct widths, ascending
+    index: torch.Tensor  # (L, E) long: the group of each expert
+    experts: list[list[int]]  # (L, G) experts of each width per layer (perfect balance: experts / E)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, device) -> WidthGroups | None:
+        widths = expert_widths(model)
+        if widths is None:
+            return None
+        distinct = sorted({w for row in widths for w in row})
+        index = [[distinct.index(w) for w in row] for row in widths]
+        experts = [[row.count(g) for g in range(len(distinct))] for row in index]
+        return cls(distinct, torch.tensor(index, dtype=torch.long, device=device), experts)
+
+
+def width_group_load(counts: torch.Tensor, groups: WidthGroups) -> torch.Tensor:
+    """counts: (L, E) -> (L, G) share of each layer's top-k assignments going to each width group,
+    on device (the trainer reads it back with the other per-layer values)."""
+    c = counts.float()
+    per_group = torch.zeros(c.shape[0], len(groups.widths), device=c.device)
+    per_group.scatter_add_(1, groups.index.to(c.device), c)
+    return per_group / per_group.sum(dim=1, keepdim=True).clamp(min=1e-9)

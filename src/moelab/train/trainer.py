@@ -37,11 +37,13 @@ from moelab.train.loggers import Loggers
 from moelab.train.optim import build_optimizer, clip_grad_groups, lr_at
 from moelab.train.parallel import parallelize
 from moelab.train.telemetry import (
+    WidthGroups,
     balance_bias_range,
     max_violation,
     model_telemetry,
     router_entropy,
     routing_state_rms,
+    width_group_load,
 )
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         }
         return save_training_checkpoint(run_dir, at_step, model, config, state, tokenizer_file, tc.keep_last)
 
+    width_groups = WidthGroups.of(model, device)  # None unless expert widths differ
     bar = _progress(tc.steps, step, progress)
     record: dict = {}
     model.train()
@@ -247,6 +250,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                     columns.append(state_rms[:, None])
                 table = torch.cat(columns, dim=1)  # (L, E + 4 [+ 1])
                 extras = model_telemetry(model)  # {name: (n,)}
+                if width_groups is not None:  # (L, G) load share per width group
+                    extras = {"width_load": width_group_load(step_counts, width_groups).flatten(), **extras}
                 flat = torch.cat([table.flatten(), *(v.to(table.device) for v in extras.values())])
                 flat = flat.tolist()  # one more host transfer for all of it
                 L, C, E = table.shape[0], table.shape[1], step_counts.shape[1]
@@ -260,6 +265,12 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 if state_rms is not None:
                     record["layers"]["routing_state_rms"] = [row[E + 4] for row in per_layer]
                 at = L * C
+                if width_groups is not None:
+                    G = len(width_groups.widths)
+                    shares = extras.pop("width_load")
+                    record["layers"]["width_load"] = [flat[at + i * G : at + (i + 1) * G] for i in range(L)]
+                    record["width_groups"] = {"widths": width_groups.widths, "experts": width_groups.experts}
+                    at += shares.numel()
                 for name, value in extras.items():
                     record.setdefault("model", {})[name] = flat[at : at + value.numel()]
                     at += value.numel()
