@@ -219,7 +219,7 @@ def test_the_model_section_is_parsed_against_the_architectures_own_dataclass():
         ),
         (["model.router_norm_coef=1"], "unknown config key model.router_norm_coef"),  # not an olmoe field
         (["model.arch=3"], "must be an architecture name or a path"),
-        (["model.arch=nope"], "neither a known architecture (olmoe, crosslayer) nor a model .py file"),
+        (["model.arch=nope"], "known architecture (olmoe, crosslayer, hierarchical) nor a model .py file"),
         (["model.expert_widths=[0.5, 1.0, 2.0]"], "does not split into 3 equal groups"),
         (["model.expert_widths=[0.5, 0.0]"], "entry 0.0 gives hidden width"),
     ],

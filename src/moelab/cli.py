@@ -144,16 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
         "new",
         "Create an experiment: an editable copy of a model file plus its config.",
         "moelab new my-router --from olmoe && moelab train experiments/my-router\n"
-        "  moelab new my-state --from crosslayer   # cross-layer routing state",
+        "  moelab new my-state --from crosslayer   # cross-layer routing state\n"
+        "  moelab new my-tree --from hierarchical  # tree experts",
     )
     p.add_argument("name")
     p.add_argument(
         "--from",
         dest="base",
         default="olmoe",
-        help="architecture to copy: olmoe | crosslayer (default: olmoe)",
+        help="architecture to copy: olmoe | crosslayer | hierarchical (default: olmoe)",
     )
-    p.add_argument("--config", default="configs/tiny-cpu.yaml", help="config to start from")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="config to start from (default: configs/tiny-cpu-ARCH.yaml if present, else tiny-cpu.yaml)",
+    )
     p.add_argument("--dir", default="experiments", help="parent directory (default: experiments)")
     p.set_defaults(func=cmd_new)
 
@@ -284,9 +289,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_new(args) -> None:
-    from moelab.experiments import new_experiment
+    from moelab.experiments import default_config, new_experiment
 
-    out = new_experiment(args.name, args.base, Path(args.config), Path(args.dir))
+    config = Path(args.config) if args.config else default_config(args.base)
+    out = new_experiment(args.name, args.base, config, Path(args.dir))
     print(f"created {out}/ (model.py, config.yaml). Edit model.py, then: moelab train {out}")
 
 

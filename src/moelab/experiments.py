@@ -16,6 +16,13 @@ from moelab.io import atomic_dir
 from moelab.models import ARCHITECTURES, model_module
 
 
+def default_config(base: str, root: Path = Path("configs")) -> Path:
+    """The config `moelab new --from BASE` starts from: root/tiny-cpu-BASE.yaml where an architecture needs
+    its own (hierarchical: n_experts follows the tree), otherwise root/tiny-cpu.yaml."""
+    own = root / f"tiny-cpu-{base}.yaml"
+    return own if own.is_file() else root / "tiny-cpu.yaml"
+
+
 def new_experiment(name: str, base: str, config_path: Path, parent: Path) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise MoelabError(f"experiment name {name!r} must be letters, digits, '-', '_' or '.'")

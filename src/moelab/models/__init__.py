@@ -16,7 +16,11 @@ from torch import nn
 from moelab.config import Config, ModelConfig
 from moelab.errors import ConfigError
 
-ARCHITECTURES = {"olmoe": "moelab.models.olmoe", "crosslayer": "moelab.models.crosslayer"}
+ARCHITECTURES = {
+    "olmoe": "moelab.models.olmoe",
+    "crosslayer": "moelab.models.crosslayer",
+    "hierarchical": "moelab.models.hierarchical",
+}
 
 
 def model_module(arch: str, base_dir: Path | None = None):
