@@ -482,6 +482,16 @@ def test_missing_inputs_become_notes(fake, tmp_path):
     assert 'class="warn"' in section(text, "overview") and "meta.json is damaged" in text
 
 
+def table_rows(text: str) -> dict[str, list[str]]:
+    """First cell -> the other cells of every body row of the tables in `text` (unescaped)."""
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", text):
+        cells = [html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", row)]
+        if cells:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
 def test_two_runs_are_compared(fake, tmp_path):
     beta = tmp_path / "beta"
     shutil.copytree(fake["run"], beta)
@@ -491,12 +501,122 @@ def test_two_runs_are_compared(fake, tmp_path):
     text = out.read_text(encoding="utf-8")
     comparison = section(text, "comparison")
     assert comparison.count("<img") == 1
-    for name, val in (("alpha", 4.25), ("beta", [r for r in lines if r["type"] == "val"][-1]["loss"])):
-        assert f"<td>{name}</td>" in comparison and f"<td>{val:.4f}</td>" in comparison
-        assert f'<h3 class="run">{name}</h3>' in section(text, "training")
-    assert comparison.count("<tr>") == 3  # header + two runs
+    assert "<th>metric</th><th>alpha</th><th>beta</th><th>random routing</th>" in comparison
+    rows = table_rows(comparison)
+    beta_val = [r for r in lines if r["type"] == "val"][-1]
+    assert rows["final val loss"] == ["4.2500", f"{beta_val['loss']:.4f}", "–"]
+    for name in DOMAINS:  # the last val line's domain losses (the same for both: domain_loss is unscaled)
+        assert rows[f"val loss · {name}"] == [f"{beta_val['domain_loss'][name]:.4f}"] * 2 + ["–"]
+    assert rows["MaxVio_global (val, mean over layers)"] == ["0.400", "0.400", "0.000"]
+    trace = Trace.open(fake["run"] / "trace")
+    ids = np.asarray(trace.topk_ids)
+    cont = np.mean(
+        [np.mean([bool(set(ids[l, t]) & set(ids[l + 1, t])) for t in range(T)]) for l in range(L - 1)]
+    )
+    assert rows["continuity → next"] == [f"{cont:.3f}", "–", "0.600"]  # 1 - C(4, 2) / C(6, 2)
+    assert (
+        rows["domain max share"][1:] == ["–", f"{K / E:.3f}"]
+        and rows["vocab spec. (normalized)"][2] == "0.000"
+    )
+    tis = [np.mean(v) for v in report.load_run(beta, "beta").ctx["tis"].values()]
+    assert rows["TIS (mean)"][1] == f"{np.mean(tis):.3f}" and rows["TIS (mean)"][2] == "–"
+    assert "path top-10 share" not in rows  # no tree run
     h = report.headline(report.load_run(beta, "beta"))
     assert h["val_loss"] == 2.125 and h["max_vio_global"] == pytest.approx(0.4) and h["domain_max"] is None
+
+
+def tree_routing(domains: np.ndarray, rng, b: int = 2, depth: int = 2) -> np.ndarray:
+    """(L, T, depth) experts of tokens descending a b-ary tree (branch biased by domain), by a loop;
+    every 7th token stops after the first depth."""
+    out = np.full((L, T, depth), -1, dtype=np.int16)
+    for layer in range(L):
+        for t in range(T):
+            node = 0
+            for d in range(depth if t % 7 else 1):
+                branch = (max(domains[t], 0) + layer) % b if rng.random() < 0.7 else int(rng.integers(0, b))
+                out[layer, t, d] = node * b + branch
+                node = node * b + branch + 1
+    return out
+
+
+def test_tree_and_mixed_width_run(fake, tmp_path):
+    """A tree run with mixed widths: per-depth specialization, the path tree, load per width (trace and
+    telemetry) and their comparison rows, each against loops."""
+    run = tmp_path / "tree"
+    shutil.copytree(fake["run"], run, ignore=shutil.ignore_patterns("trace*"))
+    widths = [32, 32, 16, 16, 16, 16]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    with open(run / "metrics.jsonl", "w") as fh:
+        for rec in records:
+            if rec["type"] == "train":
+                c = np.array(rec["layers"]["counts"], float)
+                rec["layers"]["width_load"] = (
+                    np.stack([c[:, :2].sum(1), c[:, 2:].sum(1)], 1) / c.sum(1)[:, None]
+                )
+                rec["layers"]["width_load"] = rec["layers"]["width_load"][:, ::-1].tolist()  # widths 16, 32
+                rec["width_groups"] = {"widths": [16, 32], "experts": [[4, 2]] * L}
+            fh.write(json.dumps(rec) + "\n")
+    src = Trace.open(fake["run"] / "trace")
+    domains = np.asarray(src.domains)
+    ids = tree_routing(domains, np.random.default_rng(5))
+    arrays = {key: np.asarray(getattr(src, key)) for key in ("token_ids", "doc_ids", "positions", "domains")}
+    arrays.update(topk_ids=ids, topk_weights=np.full(ids.shape, 0.5, dtype=np.float32))
+    meta = {"domains": DOMAINS, "contextual": None, "tree": {"branches": 2, "depth": 2}}
+    write_trace(run / "trace", arrays, {**meta, "expert_widths": [widths] * L})
+    out = report.build_report([fake["run"], run], out=tmp_path / "tree.html")
+    text = out.read_text(encoding="utf-8")
+    spec = section(text, "specialization")
+    sets = [[{int(e) for e in ids[l, t] if e >= 0} for t in range(T)] for l in range(L)]
+    depth_of = [1, 1, 2, 2, 2, 2]
+    depth1 = []  # (max share, baseline) of depth 1 per layer
+    for layer in range(L):
+        cells = []
+        for d in (1, 2):
+            experts = [e for e in range(E) if depth_of[e] == d]
+            best = []
+            for dom in range(len(DOMAINS)):
+                tokens = [t for t in range(T) if domains[t] == dom]
+                best.append(max(sum(e in sets[layer][t] for t in tokens) / len(tokens) for e in experts))
+            known = [t for t in range(T) if domains[t] >= 0]
+            base = sum(len(sets[layer][t] & set(experts)) for t in known) / (len(known) * len(experts))
+            cells.append(f"{np.mean(best):.3f} ({base:.3f})")
+            if d == 1:
+                depth1.append((np.mean(best), base))
+        per_width = [
+            sum(len(s & set(range(2, 6))) for s in sets[layer]),
+            sum(len(s & {0, 1}) for s in sets[layer]),
+        ]
+        total = sum(per_width)
+        loads = [f"{per_width[0] / total:.3f} (0.667)", f"{per_width[1] / total:.3f} (0.333)"]
+        # the run's rows follow alpha's (which has no tree): the first match is alpha's layer row
+        tree_html = spec[spec.index('<h3 class="run">tree</h3>') :]
+        assert re.search(
+            rf"<td>{layer}</td><td>{re.escape(cells[0])}</td><td>{re.escape(cells[1])}</td>", tree_html
+        )
+        assert re.search(
+            rf"<td>{layer}</td><td>{re.escape(loads[0])}</td><td>{re.escape(loads[1])}</td>", tree_html
+        )
+        # the path tree: every node reached by >= 1% of the routed tokens, with its share
+        routed = [s for s in sets[layer] if s]
+        paths = tree_html[tree_html.index(f'data-layer="{layer}"') :]
+        for node in range(1, 7):
+            share = sum(node - 1 in s for s in routed) / len(routed)
+            shown = f'<li data-node="{node}">' in paths.split("</details>")[0]
+            assert shown == (share >= 0.01)
+        counts = Counter(frozenset(s) for s in routed)
+        best_count = counts.most_common(1)[0][1]
+        first = re.search(r"<td>1</td><td>([^<]*)</td><td>([^<]*)</td>", paths)
+        assert first.group(2) == f"{best_count / len(routed):.1%}"
+    assert section(text, "balance").count("load per expert width over training") == 1
+    comparison = table_rows(section(text, "comparison"))
+    routed_top = []
+    for layer in range(L):
+        counts = Counter(frozenset(s) for s in sets[layer] if s)
+        routed_top.append(sum(c for _, c in counts.most_common(10)) / sum(counts.values()))
+    assert comparison["path top-10 share"] == ["–", f"{np.mean(routed_top):.3f}", "1.000"]  # 10 / 2^2 > 1
+    assert comparison["load share · width 32"][0] == "–" and comparison["load share · width 32"][2] == "0.333"
+    spec1, base1 = np.mean(depth1, axis=0)
+    assert comparison["domain max share · depth 1"] == ["–", f"{spec1:.3f}", f"{base1:.3f}"]
 
 
 def test_trace_option_pairs_and_stale_warning(fake, tmp_path):

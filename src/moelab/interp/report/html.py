@@ -12,11 +12,11 @@ import time
 import numpy as np
 
 from moelab.interp.report.cards import CONTEXT_LEFT, CONTEXT_RIGHT, _domain_max
-from moelab.interp.report.fmt import _code, _esc, _mean, _num
+from moelab.interp.report.compare import comparison
+from moelab.interp.report.fmt import _esc, _mean, _num
 from moelab.interp.report.plots import (
     _draw_bias,
     _draw_coactivation,
-    _draw_comparison,
     _draw_contextual,
     _draw_domain_heatmaps,
     _draw_domain_loss,
@@ -26,7 +26,9 @@ from moelab.interp.report.plots import (
     _draw_training,
     _img,
 )
-from moelab.interp.report.runs import Run, _final, headline
+from moelab.interp.report.runs import Run, _final
+from moelab.interp.report.structure import CSS as _STRUCTURE_CSS
+from moelab.interp.report.structure import tree_section, width_balance, width_table
 
 SECTIONS = (
     ("overview", "1. Overview"),
@@ -170,6 +172,7 @@ def _balance(run: Run) -> str:
         out.append(_img("balancing bias range", _draw_bias, bias))
     elif not run.cfg("moe.lflb", False):
         out.append(_note("loss-free balancing is off (<code>moe.lflb: false</code>): no balancing biases"))
+    out.append(width_balance(run))
     if "router_entropy" in m.layers:
         title = "Router entropy per layer (uniform router = ln E)"
         out.append(
@@ -231,6 +234,7 @@ def _specialization(run: Run) -> str:
     out.append(
         _note("normalized entropy: route entropy / (layers · log2 E); 1 = uniform over all E^layers routes")
     )
+    out.append(width_table(run) + tree_section(run))
     return "".join(out)
 
 
@@ -368,46 +372,6 @@ def _contextual(run: Run) -> str:
     return "".join(out)
 
 
-_COMPARISON_HEADERS = (
-    "run",
-    "steps",
-    "tokens",
-    "final train loss",
-    "final val loss",
-    "mean MaxVio_global (val)",
-    "mean MaxVio (trace)",
-    "domain max share (k/E)",
-    "continuity → next",
-    "vocab spec. (normalized)",
-    "route entropy",
-)
-
-
-def _comparison(runs: list[Run]) -> str:
-    if len(runs) < 2:
-        example = _code("moelab report RUN_A RUN_B --out FILE.html")
-        return _note(f"one run: give several run directories ({example}) to compare them side by side")
-    rows = []
-    for run in runs:
-        h = headline(run)
-        domain = f"{_num(h['domain_max'])} ({_num(h['baseline'])})"
-        rows.append(
-            [run.name, _num(h["steps"], ","), _num(h["tokens"], ","), _num(h["train_loss"], ".4f")]
-            + [_num(h["val_loss"], ".4f"), _num(h["max_vio_global"]), _num(h["trace_max_vio"]), domain]
-            + [_num(h["continuity"]), _num(h["vocab_normalized"]), _num(h["path_entropy"])]
-        )
-    return (
-        _img("training and validation loss of every run", _draw_comparison, runs)
-        + _table(_COMPARISON_HEADERS, rows)
-        + _note(
-            "Columns after the losses are means over layers; the trace columns need each run's data trace. "
-            "Domain max share: for each layer and domain, the share of the domain's tokens that its most "
-            "used "
-            "expert receives; random routing gives k/E (in brackets)."
-        )
-    )
-
-
 # ----------------------------------------------------------------------------- the page
 
 
@@ -478,7 +442,7 @@ def render_html(runs: list[Run]) -> str:
         "specialization": per_run(_specialization),
         "experts": per_run(_experts),
         "contextual": per_run(_contextual),
-        "comparison": _comparison(runs),
+        "comparison": comparison(runs),
     }
     title = _esc("moelab report: " + ", ".join(run.name for run in runs))
     nav = "".join(f'<a href="#{key}">{_esc(label)}</a>' for key, label in SECTIONS)
@@ -487,6 +451,6 @@ def render_html(runs: list[Run]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<title>{title}</title><link rel="icon" href="data:,"><style>{_CSS}</style></head>'
+        f'<title>{title}</title><link rel="icon" href="data:,"><style>{_CSS}{_STRUCTURE_CSS}</style></head>'
         f"<body><main><h1>{title}</h1><nav>{nav}</nav>{body}<footer>{footer}</footer></main></body></html>\n"
     )

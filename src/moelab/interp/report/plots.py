@@ -322,3 +322,22 @@ def _draw_comparison(runs: list[Run]):
         ax.set(title=title, xlabel="step", ylabel="loss (nats/token)")
         ax.legend() if ax.lines else _empty(ax, "no data")
     return fig
+
+
+def _draw_width_load(series, groups: dict):
+    steps, shares = series  # (n,), (n, L, G)
+    widths = groups["widths"]
+    balanced = np.asarray(groups["experts"], dtype=np.float64)  # (L, G) experts per width
+    balanced = (balanced / balanced.sum(axis=1, keepdims=True)).mean(axis=0)  # (G,) share of experts
+    fig = _figure(11, 3.6)
+    ax = fig.subplots()
+    for g, (width, color) in enumerate(zip(widths, _colors(len(widths)))):
+        ax.plot(steps, shares[:, :, g].mean(axis=1), lw=1.2, color=color, label=f"width {width}")
+        ax.axhline(balanced[g], color=color, ls="--", lw=1)
+    ax.set(
+        title="Load per expert width, mean over layers (dashed: share of experts = perfect balance)",
+        xlabel="step",
+        ylabel="share of assignments",
+    )
+    _legend(ax, len(widths), outside=True)
+    return fig

@@ -80,7 +80,8 @@ class Metrics:
     """What metrics.jsonl says: scalar train series, binned per-layer series, validation lines."""
 
     train: dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (steps (n,), values (n,))
-    layers: dict[str, tuple[np.ndarray, np.ndarray]]  # load (n, L, E), max_vio (n, L), bias_range (n, L, 2)
+    layers: dict[str, tuple[np.ndarray, np.ndarray]]  # load (n, L, E), max_vio (n, L), bias_range (n, L, 2),
+    # width_load (n, L, G) for mixed expert widths (the widths: last_train["width_groups"])
     val: list[dict]
     last_train: dict | None
     nonfinite: int
@@ -103,7 +104,8 @@ def read_metrics(path: str | Path) -> Metrics:
     """Parse a run's metrics.jsonl; lines that are not JSON objects with a step are counted and skipped."""
     scalars: dict[str, tuple[list, list]] = {}
     bins = {"load": _Binned(HEATMAP_BINS)}
-    bins.update({key: _Binned(LINE_BINS) for key in ("max_vio", "router_entropy", "bias_range")})
+    per_layer = ("max_vio", "router_entropy", "bias_range", "width_load")
+    bins.update({key: _Binned(LINE_BINS) for key in per_layer})
     val, last_train, nonfinite, unreadable = [], None, 0, 0
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
@@ -131,7 +133,7 @@ def read_metrics(path: str | Path) -> Metrics:
                 layers = rec.get("layers") if isinstance(rec.get("layers"), dict) else {}
                 if (shares := _shares(layers.get("counts"))) is not None:
                     bins["load"].add(step, shares)
-                for key in ("max_vio", "router_entropy", "bias_range"):
+                for key in per_layer:
                     if layers.get(key) is not None:
                         bins[key].add(step, layers[key])
     train = {key: (np.asarray(s, float), np.asarray(v, float)) for key, (s, v) in scalars.items()}
