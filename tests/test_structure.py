@@ -203,6 +203,10 @@ def test_single_path_tree_by_hand():
     assert got["entropy"] == pytest.approx(1.5) and got["norm_entropy"] == pytest.approx(0.75)
     assert got["reach"].tolist() == [0.75, 0.25, 0.5, 0.25, 0.25, 0.0]
     assert [c["label"] for c in got["tree"]["children"]] == ["0", "1"]
+    two = Trace.from_arrays(ids, n_experts=6, meta={"tree": {"branches": 2, "depth": 2, "paths": 2}})
+    assert structure.tree_paths(two, 0)["norm_entropy"] == pytest.approx(1.5 / math.log2(6))  # C(4, 2) sets
+    with pytest.raises(MoelabError, match="paths"):
+        Trace.from_arrays(ids, n_experts=6, meta={"tree": {"branches": 2, "depth": 2, "paths": 5}})
 
 
 def test_uniform_descent_meets_the_documented_baselines():

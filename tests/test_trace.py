@@ -196,11 +196,14 @@ def test_trace_records_expert_widths_and_tree_shape(workspace, tmp_path):
     assert meta["expert_widths"] == [[16, 16, 16, 32, 32, 32]] * 3 and "tree" not in meta
     from types import SimpleNamespace
 
-    assert trace_mod._tree(SimpleNamespace(tree_branches=2, tree_depth=3)) == {"branches": 2, "depth": 3}
+    cfg = SimpleNamespace(tree_branches=2, tree_depth=3, top_k=2)
+    assert trace_mod._tree(cfg) == {"branches": 2, "depth": 3, "paths": 2}
     assert trace_mod._tree(config.model) is None
-    tree = trace_mod.Router(**{**router.__dict__, "n_experts": 6, "tree": {"branches": 2, "depth": 2}})
+    # a tree router lists the distinct experts of top_k paths in top_k · depth columns
+    tree = trace_mod.Router(**{**router.__dict__, "top_k": 1, "tree": {"branches": 2, "depth": 2}})
     out = trace_mod.trace(tree, tmp_path / "tree", data=workspace["tokens"], max_tokens=30, progress=False)
-    assert json.loads((out / "meta.json").read_text())["tree"] == {"branches": 2, "depth": 2}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tree"] == {"branches": 2, "depth": 2} and meta["top_k"] == 2
     from moelab.interp.metrics import Trace, analyze
 
     assert analyze(Trace.open(out))["tree"]["paths"][0]["routed"] == 30

@@ -38,6 +38,12 @@ def tree_shape(trace) -> tuple[int, int] | None:
     return None if tree is None else (int(tree["branches"]), int(tree["depth"]))
 
 
+def possible_paths(tree: dict) -> int:
+    """How many paths a token can take: C(b^D, k) sets of k distinct leaves (k = tree["paths"], 1 if
+    not recorded); uniform random routing spreads tokens evenly over them."""
+    return math.comb(tree["branches"] ** tree["depth"], tree.get("paths", 1))
+
+
 def expert_depths(branches: int, depth: int) -> np.ndarray:
     """(E,) depth of each expert, 1 (the root's children) .. D: the depth of the node it leads into."""
     first = np.array([tree_size(branches, d) + 1 for d in range(depth + 1)])  # first node of each depth
@@ -138,15 +144,16 @@ def tree_paths(trace, layer: int, top: int = TOP_PATHS, min_share: float = MIN_N
     end nodes (one root-to-leaf chain for a token that descends one branch per depth). Over the N
     tokens with at least one expert: "distinct" paths, "top" (the `top` most used, most first, with
     their share of tokens), "top_share" (their total share), "cover_80" (fewest paths covering 80% of
-    tokens), "entropy" (bits) and "norm_entropy" = entropy / log2(b^D) (1 = uniform over the b^D
-    root-to-leaf paths); "reach": (E,) share of the tokens reaching node e + 1 (taking expert e), and
-    "tree": the nested nodes reached by >= min_share of the tokens."""
+    tokens), "entropy" (bits) and "norm_entropy" = entropy / log2 possible_paths (1 = uniform over
+    every set of k leaves; NaN when there is one); "reach": (E,) share of the tokens reaching node
+    e + 1 (taking expert e), and "tree": the nested nodes reached by >= min_share of the tokens."""
     from moelab.interp.metrics import _bits, _chunks
 
     shape = tree_shape(trace)
     if shape is None:
         raise MoelabError(f"{trace.name} is not a tree trace (meta.json has no 'tree')")
     b, D = shape
+    n_paths = possible_paths(trace.meta["tree"])
     masks = np.concatenate([_bits(trace, layer, sl) for sl in _chunks(trace.n_tokens)])  # (T, W)
     masks = masks[masks.any(axis=1)]  # routed tokens
     n = masks.shape[0]
@@ -180,7 +187,7 @@ def tree_paths(trace, layer: int, top: int = TOP_PATHS, min_share: float = MIN_N
         "top_share": float(p[:top].sum()),
         "cover_80": int(np.argmax(np.cumsum(counts) * 100 >= 80 * n)) + 1,
         "entropy": entropy,
-        "norm_entropy": entropy / (D * math.log2(b)),
+        "norm_entropy": entropy / math.log2(n_paths) if n_paths > 1 else math.nan,
         "top": listed,
         "reach": reach,
         "tree": _nested(0, reach, b, min_share),
@@ -202,6 +209,7 @@ def analysis(trace, counts: np.ndarray, shares: dict[str, np.ndarray]) -> dict:
         out["tree"] = {
             "branches": shape[0],
             "depth": shape[1],
+            "paths_per_token": trace.meta["tree"].get("paths", 1),
             "depth_specialization": depth,
             "paths": [tree_paths(trace, layer) for layer in range(trace.n_layers)],
         }
@@ -223,8 +231,9 @@ def summary_lines(result: dict) -> list[str]:
             lines.append(f"  layer {row['layer']:>2}  {cells}")
     tree = result.get("tree")
     if tree:
-        b, D = tree["branches"], tree["depth"]
-        lines += ["", f"Tree routing: {b} branches, depth {D} ({b**D} root-to-leaf paths)."]
+        b, D, k = tree["branches"], tree["depth"], tree["paths_per_token"]
+        n_paths = possible_paths({"branches": b, "depth": D, "paths": k})
+        lines += ["", f"Tree routing: {b} branches, depth {D}, {k} path(s) per token ({n_paths:,} possible)."]
         if tree["depth_specialization"] is not None:
             spec = tree["depth_specialization"]
             lines.append("Domain max share per depth (random routing in brackets):")
@@ -233,8 +242,8 @@ def summary_lines(result: dict) -> list[str]:
                     f"d{d + 1} {_num(s)} [{_num(base)}]" for d, (s, base) in enumerate(zip(shares, bases))
                 )
                 lines.append(f"  layer {layer:>2}  {cells}")
-        lines.append(f"Paths (top-{TOP_PATHS} share, random min(1, {TOP_PATHS}/b^D) = "
-                     f"{min(1.0, TOP_PATHS / b**D):.3f}; entropy / log2 b^D, random 1):")  # fmt: skip
+        lines.append(f"Paths (top-{TOP_PATHS} share, random {min(1.0, TOP_PATHS / n_paths):.3f}; "
+                     "entropy / log2 of the possible paths, random 1):")  # fmt: skip
         for layer, p in enumerate(tree["paths"]):
             best = ", ".join(f"{'+'.join(t['labels'])} {_pct(t['share'])}" for t in p["top"][:3])
             lines.append(

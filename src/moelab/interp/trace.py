@@ -113,12 +113,13 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
 
 
 def _tree(model_cfg) -> dict | None:
-    """{"branches": b, "depth": D} for a model config with `tree_branches` and `tree_depth` (tree
-    routing: the experts are the edges of a perfect b-ary tree), else None."""
+    """{"branches": b, "depth": D, "paths": top_k} for a model config with `tree_branches` and
+    `tree_depth` (tree routing: the experts are the edges of a perfect b-ary tree, and each token takes
+    its top_k root-to-leaf paths), else None."""
     branches, depth = getattr(model_cfg, "tree_branches", None), getattr(model_cfg, "tree_depth", None)
     if branches is None or depth is None:
         return None
-    return {"branches": int(branches), "depth": int(depth)}
+    return {"branches": int(branches), "depth": int(depth), "paths": int(model_cfg.top_k)}
 
 
 def _router_similarity(model) -> list | None:
@@ -211,8 +212,11 @@ def contextual_chunks(samples: list, batch_size: int, pad_id: int):
 class TraceWriter:
     """Pre-sized .npy files filled chunk by chunk (np.lib.format.open_memmap)."""
 
-    def __init__(self, directory: Path, n_tokens: int, router: Router, router_probs: bool, contextual: bool):
-        L, T, k, E = router.n_layers, n_tokens, router.top_k, router.n_experts
+    def __init__(
+        self, directory: Path, n_tokens: int, router: Router, router_probs: bool, contextual: bool, k: int
+    ):
+        """k: the columns of topk_ids (top_k, or top_k · depth for a tree router's distinct experts)."""
+        L, T, E = router.n_layers, n_tokens, router.n_experts
         shapes = {
             "token_ids": ((T,), np.int32),
             "doc_ids": ((T,), np.int64),
@@ -289,6 +293,7 @@ def trace(
     if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         raise MoelabError(f"{out} exists and is not a trace; choose a new --out (e.g. {out}/trace)")
     router = model if isinstance(model, Router) else open_router(model)
+    slots = router.top_k * router.tree["depth"] if router.tree else router.top_k  # topk_ids columns
     if seq_len > router.seq_len_limit:
         raise MoelabError(f"--seq-len {seq_len} is longer than the model's {router.seq_len_limit} positions")
     tokenizer = load_tokenizer(router.tokenizer_path) if router.tokenizer_path else None
@@ -300,7 +305,7 @@ def trace(
         "tokenizer_hash": tokenizer.hash if tokenizer else None,
         "n_layers": router.n_layers,
         "n_experts": router.n_experts,
-        "top_k": router.top_k,
+        "top_k": slots,
         "domains": [],
         "has_router_probs": router_probs,
         "contextual": None,
@@ -343,7 +348,7 @@ def trace(
         chunks = data_chunks(dataset, seq_len or router.seq_len, batch_size, n_tokens)
         meta["domains"], meta["data"] = list(dataset.domain_names), f"{data}:{split}"
     with atomic_dir(out) as tmp:
-        writer = TraceWriter(tmp, n_tokens, router, router_probs, contextual)
+        writer = TraceWriter(tmp, n_tokens, router, router_probs, contextual, slots)
         with tqdm(total=n_tokens, desc="trace", unit="tok", unit_scale=True, disable=not progress) as bar:
             for chunk in chunks:
                 ids = chunk.input_ids.to(router.device)

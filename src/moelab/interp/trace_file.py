@@ -95,7 +95,8 @@ def _is_int(value, least: int) -> bool:
 
 def _check_structure(meta: dict, bad) -> None:
     """The optional structure entries: `expert_widths` (one list of E positive widths per MoE layer) and
-    `tree` ({"branches": b >= 2, "depth": D >= 1} with E = b + b² + … + b^D experts, one per edge)."""
+    `tree` ({"branches": b >= 2, "depth": D >= 1, optional "paths": k paths per token} with
+    E = b + b² + … + b^D experts, one per edge)."""
     L, E = meta["n_layers"], meta["n_experts"]
     widths = meta.get("expert_widths")
     if widths is not None and not (
@@ -106,10 +107,11 @@ def _check_structure(meta: dict, bad) -> None:
         raise bad(f"expert_widths must be {L} lists (one per MoE layer) of {E} positive integers")
     tree = meta.get("tree")
     if tree is not None:
-        if not (
-            isinstance(tree, dict) and _is_int(tree.get("branches"), 2) and _is_int(tree.get("depth"), 1)
+        ok = isinstance(tree, dict) and _is_int(tree.get("branches"), 2) and _is_int(tree.get("depth"), 1)
+        if not ok or not (
+            _is_int(tree.get("paths", 1), 1) and tree.get("paths", 1) <= tree["branches"] ** tree["depth"]
         ):
-            raise bad('tree must be {"branches": integer >= 2, "depth": integer >= 1}')
+            raise bad('tree must be {"branches": integer >= 2, "depth": integer >= 1, "paths": 1 .. b^depth}')
         b, depth = tree["branches"], tree["depth"]
         edges = sum(b**d for d in range(1, depth + 1))
         if edges != E:

@@ -15,6 +15,8 @@ This module holds the entry points (`build_report`, `cmd_report`) and re-exports
 The work is split by job, each module importing only the ones listed after it:
 
 - `html`: the page: one function per section, tables, expert cards, CSS, assembly (`render_html`);
+- `compare`: the comparison section, one row per metric with its random-routing value;
+- `structure`: load per expert width and tree routing (per-depth specialization, the path tree);
 - `plots`: the matplotlib figures, embedded as PNG;
 - `runs`: reading a run directory (config, binned metrics.jsonl, tokenizer, traces), headline numbers;
 - `cards`: the tokens each expert over-receives and where they occur;
