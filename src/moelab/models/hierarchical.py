@@ -161,12 +161,15 @@ class Hierarchical(MoEModel):
         the most routed parameters a token can use: min(top_k, b^d) experts of width d_expert // b^d at
         each depth d (top_k paths touch at most that many distinct edges per depth; the bound is
         reached when the paths part at the root, or as early as b allows)."""
-        cfg = self.cfg
-        b, depth, D = cfg.tree_branches, cfg.tree_depth, cfg.d_model
+        b, k = self.cfg.tree_branches, self.cfg.top_k
         total = sum(p.numel() for p in self.parameters())
-        routed = sum(p.numel() for m in self.moe_layers for p in m.experts.parameters())
-        used = sum(min(cfg.top_k, b**d) * 3 * D * (cfg.d_expert // b**d) for d in range(1, depth + 1))
-        return {"total": total, "active": total - routed + len(self.moe_layers) * used}
+        active = total
+        for moe in self.moe_layers:
+            sizes = moe.experts.expert_sizes()  # (E,) parameters of each expert, 3·D·width
+            active -= sum(sizes)
+            for d in range(1, self.cfg.tree_depth + 1):  # the first expert of depth d is tree_experts(b, d-1)
+                active += min(k, b**d) * sizes[tree_experts(b, d - 1)]
+        return {"total": total, "active": active}
 
     def forward(
         self,
