@@ -311,6 +311,8 @@ def test_loss_coefficients_apply_the_schedule_and_the_architectures_own_coeffici
         "router_z": 0.002,
         "router_orthogonality": 0.0,
         "topk_gap": 0.0,
+        "expert_output_orthogonality": 0.0,
+        "expert_size": 0.0,
         "router_norm": 0.5,
     }
     assert loss_coefficients(cfg, step=25)["load_balance"] == pytest.approx(0.0075)

@@ -225,3 +225,117 @@ def test_id_minus_one_means_no_expert_in_every_path():
         out, grads = forward_backward(case, path)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=path)
         assert (grads["topk_weights"][~kept] == 0).all()
+
+
+# ----------------------------------------------------------------------------- per-slot outputs, output norm
+
+
+def slot_reference(x, topk_ids, topk_weights, gate_up, down, norm_weight=None, eps=1e-5, norm=False):
+    """Per token, per slot, no batching: y[t, s] = norm_e(expert_e(x[t])) (0 for id -1) and
+    out[t] = Σ_s w[t, s] · y[t, s]; norm_e = y / sqrt(mean(y²) + eps) (· norm_weight[e])."""
+    I = down.shape[1]
+    outs, slots = [], []
+    for t in range(x.shape[0]):
+        acc, row = torch.zeros_like(x[t]), []
+        for s in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, s])
+            if e < 0:
+                row.append(torch.zeros_like(x[t]))
+                continue
+            gate, up = x[t] @ gate_up[e][:, :I], x[t] @ gate_up[e][:, I:]
+            y = (gate * torch.sigmoid(gate) * up) @ down[e]
+            if norm:
+                y = y / torch.sqrt((y * y).mean() + eps)
+                if norm_weight is not None:
+                    y = y * norm_weight[e]
+            row.append(y)
+            acc = acc + topk_weights[t, s] * y
+        outs.append(acc)
+        slots.append(torch.stack(row))
+    return torch.stack(outs), torch.stack(slots)
+
+
+def slots_forward_backward(case, fn, norm_weight=None):
+    """(out, y) and the gradients of Σ out·u + Σ y·v (random u, v) wrt x, weights, experts, norm."""
+    names = ("x", "topk_weights", "gate_up", "down")
+    leaves = {n: case[n].clone().requires_grad_(True) for n in names}
+    if norm_weight is not None:
+        leaves["norm"] = torch.nn.Parameter(norm_weight.clone())  # a leaf a norm module can hold
+    out, y = fn(leaves)
+    g = torch.Generator().manual_seed(7)
+    (out * torch.randn(out.shape, generator=g)).sum().add(
+        (y * torch.randn(y.shape, generator=g)).sum()
+    ).backward()
+    return out.detach(), y.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+@pytest.mark.parametrize("norm", ["none", "frozen", "learned"])
+@pytest.mark.parametrize("name", ["top2", "zero_token_experts", "top_k_equals_E"])
+def test_per_slot_outputs_and_output_norm_match_a_per_token_loop(name, norm):
+    from moelab.moe.experts import ExpertOutputNorm
+
+    T, D, I, E, k, unused = CASES[name]
+    case = make_case(T, D, I, E, k, seed=4, unused=unused)
+    case["topk_ids"][1::4, -1] = -1  # some slots have no expert
+    weight = 1 + 0.5 * torch.randn(E, D, generator=torch.Generator().manual_seed(9))
+    norm_weight = weight if norm == "learned" else None
+
+    def reference(v):
+        args = (v["x"], case["topk_ids"], v["topk_weights"], v["gate_up"], v["down"])
+        return slot_reference(*args, norm_weight=v.get("norm"), eps=1e-5, norm=norm != "none")
+
+    ref_out, ref_y, ref_grads = slots_forward_backward(case, reference, norm_weight)
+    assert ref_y.abs().max() > 0.1
+    assert torch.equal(ref_y[1::4, -1], torch.zeros_like(ref_y[1::4, -1]))
+    module = None if norm == "none" else ExpertOutputNorm(E, D, 1e-5, learned=norm == "learned")
+    for path in PATHS:
+
+        def kernel(v, path=path):
+            if norm == "learned":
+                module.weight = v["norm"]  # this call's leaf, so its gradient is compared
+            args = (v["x"], case["topk_ids"], v["topk_weights"], v["gate_up"], v["down"])
+            return run_experts(*args, path=path, norm=module, per_slot=True)
+
+        out, y, grads = slots_forward_backward(case, kernel, norm_weight)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=f"{path} output")
+        torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5, msg=f"{path} per-slot")
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], atol=1e-5, rtol=1e-4, msg=f"{path} grad {n}")
+        # without per_slot the kernel returns only the mixed output, the same
+        with torch.no_grad():
+            torch.testing.assert_close(run_experts(**case, path=path, norm=module), out, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_per_slot_and_norm_add_no_host_sync(monkeypatch):
+    from moelab.moe.experts import ExpertOutputNorm
+
+    case = make_case(*CASES["zero_token_experts"][:5], unused=(0, 3, 5))
+    norm = ExpertOutputNorm(6, 16, 1e-5, learned=True)
+
+    def sync(*args, **kw):
+        raise AssertionError("host sync in the grouped dispatch path")
+
+    monkeypatch.setattr(torch.Tensor, "item", sync)
+    monkeypatch.setattr(torch.Tensor, "tolist", sync)
+    out, y = run_experts(**case, path="grouped", norm=norm, per_slot=True)
+    (out.sum() + y.square().sum()).backward()
+    monkeypatch.undo()
+    ref_out, ref_y = slot_reference(**case, norm_weight=norm.weight.detach(), norm=True)
+    torch.testing.assert_close(y.detach(), ref_y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.detach(), ref_out, atol=1e-5, rtol=1e-5)
+
+
+def test_output_norm_under_autocast_runs_in_bf16_in_every_path():
+    from moelab.moe.experts import ExpertOutputNorm
+
+    case = make_case(T=32, D=32, I=16, E=4, k=2, seed=2)
+    norm = ExpertOutputNorm(4, 32, 1e-5, learned=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    ref_out, ref_y = slot_reference(**case, norm_weight=norm.weight.detach(), norm=True)
+    for path in PATHS:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, y = run_experts(**case, path=path, norm=norm, per_slot=True)
+        assert out.dtype == y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref_y, atol=5e-2, rtol=5e-2, msg=path)
+        torch.testing.assert_close(out.float(), ref_out, atol=5e-2, rtol=5e-2, msg=path)

@@ -164,3 +164,105 @@ def test_moelab_params_counts_a_mixed_width_config(capsys):
     assert counts["active"] == hand_active(
         m["vocab_size"], m["d_model"], m["n_layers"], m["n_experts"], m["top_k"], hidden
     )
+
+
+# ----------------------------------------------------------------------------- output norm, per-slot outputs
+
+
+def brute_force_slots(x, topk_ids, experts: RoutedExperts, eps=1e-5):
+    """y[t, s]: expert e's own-width output for token t, RMS-normalised by hand (· weight[e] if learned)."""
+    per_expert = []
+    for group in experts.groups():
+        per_expert += list(zip(group.gate_up, group.down))
+    weight = experts.output_norm.weight if experts.output_norm is not None else None
+    rows = []
+    for t in range(x.shape[0]):
+        row = []
+        for s in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, s])
+            gate_up, down = per_expert[e]
+            width = down.shape[0]
+            gate, up = x[t] @ gate_up[:, :width], x[t] @ gate_up[:, width:]
+            y = (gate * torch.sigmoid(gate) * up) @ down
+            if experts.output_norm is not None:
+                y = y / torch.sqrt((y * y).mean() + eps)
+                y = y * weight[e] if weight is not None else y
+            row.append(y)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)  # (T, k, D)
+
+
+@pytest.mark.parametrize("kernel", PATHS)
+@pytest.mark.parametrize("norm", ["frozen", "learned"])
+def test_mixed_widths_with_output_norm_match_brute_force_values_and_gradients(kernel, norm):
+    experts = mixed_experts((0.25, 0.5, 1.0, 2.0))
+    experts.set_output_norm(norm, 1e-5)
+    if norm == "learned":
+        with torch.no_grad():
+            experts.output_norm.weight.uniform_(0.5, 1.5)
+    set_dispatcher(experts, LocalDispatcher(kernel))
+    x, ids, w = routing_case(12, 8, 3)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    upstream = torch.randn(12, 16, generator=torch.Generator().manual_seed(5))
+    results = []
+    for fast in (False, True):
+        experts.zero_grad()
+        x.grad = w.grad = None
+        out = experts(x, ids, w) if fast else (w[..., None] * brute_force_slots(x, ids, experts)).sum(1)
+        (out * upstream).sum().backward()
+        results.append(
+            [out.detach(), x.grad.clone(), w.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+        )
+    assert len(results[0]) == 3 + 8 + (1 if norm == "learned" else 0)  # 4 width groups × 2, the norm
+    assert results[0][0].abs().max() > 0.1
+    for a, b in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", PATHS)
+def test_routing_info_call_records_per_token_orthogonality_only_when_switched_on(kernel):
+    from moelab.moe.losses import expert_output_orthogonality_per_token
+    from moelab.moe.routing import RoutingInfo
+
+    experts = mixed_experts((0.5, 1.0))
+    set_dispatcher(experts, LocalDispatcher(kernel))
+    x, ids, w = routing_case(10, 8, 3)
+    ids[::3, 2] = -1
+    routing = RoutingInfo(torch.zeros(10, 8), ids, w)
+    plain = experts(x, ids, w)
+    torch.testing.assert_close(experts(x, routing), plain)  # same output from the RoutingInfo
+    assert routing.extra == {}  # off: nothing computed
+    experts.output_orthogonality = True
+    torch.testing.assert_close(experts(x, routing), plain, atol=1e-6, rtol=1e-6)
+    got = routing.extra["expert_output_orthogonality"]  # (T,)
+    y = brute_force_slots(x, ids.clamp(min=0), experts)
+    torch.testing.assert_close(got, expert_output_orthogonality_per_token(y, ids >= 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(experts(x, ids, w), plain)  # the tensor call never records
+
+
+def test_output_norm_parameters_are_expert_parameters_and_count_as_active_per_slot():
+    frozen = moelab.build(moelab.load_config(None, tiny_model_overrides("moe.expert_output_norm=frozen")))
+    plain = moelab.build(moelab.load_config(None, tiny_model_overrides()))
+    assert frozen.count_parameters() == plain.count_parameters()  # frozen: no parameter
+    cfg = moelab.load_config(
+        None,
+        tiny_model_overrides("model.expert_widths=[0.3, 0.7, 1.0, 2.0]", "moe.expert_output_norm=learned"),
+    )
+    model = moelab.build(cfg)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "output_norm" in n}
+    assert shapes == {f"blocks.{i}.mlp.experts.output_norm.weight": (8, 64) for i in (0, 1)}
+    assert all(torch.equal(model.get_parameter(n), torch.ones(8, 64)) for n in shapes)  # starts at 1
+    model.reset_parameters()
+    assert all(torch.equal(model.get_parameter(n), torch.ones(8, 64)) for n in shapes)  # and re-inits to 1
+    counts = model.count_parameters()
+    hidden = [int(r * 32) for r in (0.3, 0.7, 1.0, 2.0) for _ in range(2)]
+    routed = sum(3 * 64 * h for h in hidden) + 8 * 64  # + the (E, D) norm weight
+    total_dense = 128 * 64 * 2 + 2 * (4 * 64 * 64 + 2 * 64 + 2 * 64 + 8 * 64) + 64
+    assert counts["total"] == total_dense + 2 * routed
+    # a token uses the norm rows of its top_k = 2 experts: 2 · 64 more per layer than without the norm
+    assert counts["active"] == hand_active(128, 64, 2, 8, 2, hidden) + 2 * 2 * 64
+    with torch.device("meta"):  # built without memory (as checkpoints load): the norm is on meta too
+        meta = moelab.build(cfg)
+    assert meta.blocks[0].mlp.experts.output_norm.weight.is_meta
+    assert meta.count_parameters() == counts

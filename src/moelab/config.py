@@ -118,10 +118,14 @@ class MoEConfig:
     topk_gap_coef: float = 0.0  # >0: losses["topk_gap"], −log(min(p_(k) − p_(k+1), cap) + 1e-8)
     topk_gap_cap: float = 0.1  # the gap counts up to this value (larger gaps earn nothing more)
     router_init: Literal["normal", "orthogonal"] = "normal"  # orthogonal: nn.init.orthogonal_ on routers
+    expert_output_orthogonality_coef: float = 0.0  # >0: losses["expert_output_orthogonality"], ‖C − I‖_F / k
+    expert_output_norm: Literal["none", "learned", "frozen"] = "none"  # RMSNorm of each expert's output
+    expert_size_penalty: float = 0.0  # >0: losses["expert_size"], Σ_e p_e · I_e / d_expert per token
 
     def validate(self) -> None:
         names = ("load_balance_coef", "z_loss_coef", "lflb_rate", "lflb_bias_clamp")
-        for name in (*names, "router_orthogonality_coef", "topk_gap_coef"):
+        regularisers = ("router_orthogonality_coef", "topk_gap_coef", "expert_output_orthogonality_coef")
+        for name in (*names, *regularisers, "expert_size_penalty"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):  # written so that NaN fails too
                 raise ConfigError(f"moe.{name}={value} must be a finite number >= 0")

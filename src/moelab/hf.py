@@ -213,6 +213,11 @@ def check_exportable(config: Config) -> None:
             f"model.expert_widths={cfg.expert_widths}: transformers' OLMoE has experts of one width only, "
             f"so this model cannot be converted"
         )
+    if config.moe.expert_output_norm != "none":
+        raise MoelabError(
+            f"moe.expert_output_norm={config.moe.expert_output_norm}: transformers' OLMoE has no per-expert "
+            f"output norm, so this model cannot be converted"
+        )
 
 
 def _check_no_balance_bias(state: dict[str, torch.Tensor], n_layers: int) -> None:

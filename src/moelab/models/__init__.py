@@ -59,9 +59,11 @@ def config_class(arch: str, base_dir: Path | None = None) -> type[ModelConfig]:
 
 def build(config: Config, base_dir: Path | None = None) -> nn.Module:
     """Instantiate the model a config describes (weights freshly initialised), with the config's
-    local expert dispatcher (`moe.dispatch`); `train.parallel.parallelize` may replace it."""
-    from moelab.moe.experts import LocalDispatcher, set_dispatcher
+    local expert dispatcher (`moe.dispatch`; `train.parallel.parallelize` may replace it) and expert
+    output regularisers (`moe.expert_output_norm`, `moe.expert_output_orthogonality_coef`)."""
+    from moelab.moe.experts import LocalDispatcher, configure_experts, set_dispatcher
 
     model = model_module(config.model.arch, base_dir).Model(config)
     set_dispatcher(model, LocalDispatcher(config.moe.dispatch))
+    configure_experts(model, config)
     return model

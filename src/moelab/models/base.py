@@ -109,7 +109,8 @@ class MoEModel(nn.Module):
 
     def count_parameters(self) -> dict[str, int]:
         """total: every parameter once. active: what one token uses = everything but the routed experts,
-        plus top_k times the mean routed-expert size of each MoE layer (for equal widths: top_k experts)."""
+        plus top_k times the mean routed-expert size of each MoE layer (for equal widths: top_k experts).
+        A learned expert output norm (moe.expert_output_norm) is part of each routed expert's size."""
         return count_parameters(self, self.config.model.top_k)
 
     @torch.no_grad()

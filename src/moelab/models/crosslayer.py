@@ -260,7 +260,7 @@ class MoE(nn.Module):
         B, N, D = h.shape
         flat = h.reshape(B * N, D)  # (T, D)
         routing = self.router(r.reshape(B * N, -1), shared_gate)
-        y = self.experts(flat, routing.topk_ids, routing.topk_weights)  # (T, D)
+        y = self.experts(flat, routing)  # (T, D); ids and weights from routing, which gets expert terms
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(B, N, D), routing

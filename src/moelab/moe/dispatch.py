@@ -1,7 +1,12 @@
 """Expert kernels: three interchangeable ways to run routed experts on one device, identical results.
 
 Every kernel computes, for each token t and each of its k slots,
-    out[t] += w[t, slot] · down_e( silu(x[t] @ gate_e) * (x[t] @ up_e) ),   e = topk_ids[t, slot]
+    y[t, slot] = norm_e( down_e( silu(x[t] @ gate_e) * (x[t] @ up_e) ) ),   e = topk_ids[t, slot]
+    out[t]    += w[t, slot] · y[t, slot]
+where norm_e is the identity, or the per-expert output RMSNorm (`moe.expert_output_norm`) applied to
+each expert's own output before its mixing weight. With per_slot=True a kernel also returns the
+unmixed y (T, k, D), in (token, slot) order, for regularisers that compare a token's experts (the
+expert-output orthogonality); without it y is summed and never kept, so asking nothing costs nothing.
 The experts come as `ExpertGroup`s: consecutive experts that share one hidden width I, stacked as
 gate_up (n, D, 2I) = [gate | up] and down (n, I, D). Equal-width experts are one group; mixed widths
 (`model.expert_widths`) are one group per width.
@@ -11,13 +16,15 @@ gate_up (n, D, 2I) = [gate | up] and down (n, I, D). Equal-width experts are one
   grouped  the same sorted layout through torch.nn.functional.grouped_mm, one call per group: no host
            sync with one group; one per layer with several (the row count of each group).
 
-All kernels are differentiable in x, the weights and the mixing weights (so the router learns).
+All kernels are differentiable in x, the weights, the norm weights and the mixing weights (so the
+router learns), through `out` and through y.
 Dispatchers (moe/experts.py) choose the kernel; this module knows nothing of devices or ranks.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +34,10 @@ from moelab.models.layers import swiglu
 
 log = logging.getLogger(__name__)
 PATHS = ("loop", "sorted", "grouped")
-__all__ = ["PATHS", "ExpertGroup", "run_experts", "run_expert_groups", "swiglu"]
+__all__ = ["PATHS", "ExpertGroup", "ExpertNorm", "run_experts", "run_expert_groups", "swiglu"]
+
+# (y (n, D), experts: int or (n,) long ids of each row) -> (n, D): the per-expert output norm
+ExpertNorm = Callable[[torch.Tensor, "int | torch.Tensor"], torch.Tensor]
 
 
 @dataclass
@@ -50,9 +60,12 @@ def run_experts(
     gate_up: torch.Tensor,
     down: torch.Tensor,
     path: str = "grouped",
-) -> torch.Tensor:
+    norm: ExpertNorm | None = None,
+    per_slot: bool = False,
+):
     """Equal-width experts stacked as gate_up (E, D, 2I), down (E, I, D); see run_expert_groups."""
-    return run_expert_groups(x, topk_ids, topk_weights, [ExpertGroup(0, gate_up, down)], path)
+    groups = [ExpertGroup(0, gate_up, down)]
+    return run_expert_groups(x, topk_ids, topk_weights, groups, path, norm, per_slot)
 
 
 def run_expert_groups(
@@ -61,8 +74,12 @@ def run_expert_groups(
     topk_weights: torch.Tensor,
     groups: list[ExpertGroup],
     path: str = "grouped",
-) -> torch.Tensor:
-    """x: (T, D), topk_ids: (T, k) long, topk_weights: (T, k) -> (T, D) in the compute dtype.
+    norm: ExpertNorm | None = None,
+    per_slot: bool = False,
+):
+    """x: (T, D), topk_ids: (T, k) long, topk_weights: (T, k) -> out (T, D) in the compute dtype, or
+    (out, y (T, k, D)) with per_slot=True, y being each slot's expert output before its mixing weight
+    (0 for id -1). norm: the per-expert output norm applied to every expert output, or None.
 
     Under autocast (bf16 on GPU) everything is cast to the autocast dtype first: grouped_mm is not an
     autocast op, and index_add needs one dtype for the expert outputs and the mixing weights.
@@ -76,24 +93,30 @@ def run_expert_groups(
     none = topk_ids < 0
     topk_ids, topk_weights = topk_ids.clamp(min=0), topk_weights.masked_fill(none, 0.0)
     groups = [ExpertGroup(g.first, g.gate_up.to(dtype), g.down.to(dtype)) for g in groups]
-    if path == "grouped":
-        if all(grouped_mm_usable(x, g.gate_up, g.down) for g in groups):
-            return experts_grouped(x, topk_ids, topk_weights, groups)
+    if path == "grouped" and not all(grouped_mm_usable(x, g.gate_up, g.down) for g in groups):
         path = "sorted"
-    if path == "sorted":
-        return experts_sorted(x, topk_ids, topk_weights, groups)
-    return experts_loop(x, topk_ids, topk_weights, groups)
+    kernel = {"loop": experts_loop, "sorted": experts_sorted, "grouped": experts_grouped}[path]
+    out, y = kernel(x, topk_ids, topk_weights, groups, norm, per_slot)
+    if not per_slot:
+        return out
+    return out, y.masked_fill(none[..., None], 0.0)  # (T, k, D); a -1 slot has no expert output
 
 
-def experts_loop(x, topk_ids, topk_weights, groups):
+def experts_loop(x, topk_ids, topk_weights, groups, norm=None, per_slot=False):
     out = torch.zeros_like(x)
+    T, k = topk_ids.shape
+    y_slots = x.new_zeros(T, k, x.shape[1]) if per_slot else None  # (T, k, D)
     for g in groups:
         # unbind once: indexing gate_up[e] per expert makes backward build a full-size zero gradient each time
         for j, (gate_up, down) in enumerate(zip(g.gate_up.unbind(0), g.down.unbind(0))):
             token_idx, slot = torch.where(topk_ids == g.first + j)  # tokens routed here, and in which slot
             y = swiglu(x[token_idx], gate_up, down)  # (n_e, D)
+            if norm is not None:
+                y = norm(y, g.first + j)
+            if per_slot:
+                y_slots[token_idx, slot] = y
             out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None])
-    return out
+    return out, y_slots
 
 
 def _sort_by_expert(topk_ids: torch.Tensor, n_experts: int):
@@ -104,18 +127,28 @@ def _sort_by_expert(topk_ids: torch.Tensor, n_experts: int):
     return order, counts
 
 
-def experts_sorted(x, topk_ids, topk_weights, groups):
+def _mix_sorted(x, y, order, topk_ids, topk_weights, norm, per_slot):
+    """y: (T·k, D) expert outputs of the pairs in `order` -> out (T, D), and y in (T, k, D) order."""
+    T, k = topk_ids.shape
+    if norm is not None:
+        y = norm(y, topk_ids.reshape(-1)[order])  # each row's own expert
+    out = torch.zeros_like(x).index_add_(0, order // k, y * topk_weights.reshape(-1)[order, None])
+    if not per_slot:
+        return out, None
+    return out, torch.zeros_like(y).index_copy(0, order, y).view(T, k, -1)  # back to (token, slot) order
+
+
+def experts_sorted(x, topk_ids, topk_weights, groups, norm=None, per_slot=False):
     k = topk_ids.shape[1]
     order, counts = _sort_by_expert(topk_ids, sum(g.n for g in groups))
     token_idx = order // k  # (T·k,) token of each sorted pair
     chunks = torch.split(x[token_idx], counts.tolist())  # one host sync per layer
     weights = [(gu, dn) for g in groups for gu, dn in zip(g.gate_up.unbind(0), g.down.unbind(0))]
     y = torch.cat([swiglu(c, gu, dn) for c, (gu, dn) in zip(chunks, weights)])  # (T·k, D)
-    y = y * topk_weights.reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add_(0, token_idx, y)
+    return _mix_sorted(x, y, order, topk_ids, topk_weights, norm, per_slot)
 
 
-def experts_grouped(x, topk_ids, topk_weights, groups):
+def experts_grouped(x, topk_ids, topk_weights, groups, norm=None, per_slot=False):
     k = topk_ids.shape[1]
     order, counts = _sort_by_expert(topk_ids, sum(g.n for g in groups))
     token_idx = order // k
@@ -132,8 +165,7 @@ def experts_grouped(x, topk_ids, topk_weights, groups):
         gate, up = h.chunk(2, dim=-1)
         outs.append(_contiguous_grad(F.grouped_mm(F.silu(gate) * up, g.down, offs=offs)))  # (rows, D)
     y = outs[0] if len(outs) == 1 else torch.cat(outs)  # (T·k, D)
-    y = y * topk_weights.reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add_(0, token_idx, y)
+    return _mix_sorted(x, y, order, topk_ids, topk_weights, norm, per_slot)
 
 
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,29 @@ Dispatchers are plain callables `dispatcher(experts, x, topk_ids, topk_weights) 
   LocalDispatcher(kernel)  every expert on this device, with the loop | sorted | grouped kernel
                            (moe/dispatch.py); the expert-parallel dispatchers of the scale-out work
                            implement the same call.
+A dispatcher applies `experts.output_norm` (when set) to each expert's output before its mixing
+weight, and, called with `per_slot=True`, returns `(out (T, D), y (T, k, D))`: each slot's expert
+output before mixing (0 for id -1). Only the expert-output orthogonality asks for y.
+
+Output regularisers (`configure_experts`, applied by `moelab.build` from the `moe:` section, like the
+dispatcher, so model files need not know them):
+  output_norm        `moe.expert_output_norm`: none | learned (an RMSNorm per expert, weight (E, D)
+                     initialised to 1, parameter `output_norm.weight` under `.experts.`, so it counts,
+                     clips and decays as a routed-expert norm) | frozen (the RMSNorm with weight 1).
+  output_orthogonality   `moe.expert_output_orthogonality_coef > 0`: when the model calls its experts
+                     with the layer's RoutingInfo, `experts(x, routing)`, the dispatcher also returns the
+                     per-slot outputs and RoutedExperts writes each token's term (T,) into
+                     `routing.extra["expert_output_orthogonality"]` (moe/losses.py). It travels out of
+                     the block with the RoutingInfo, so it survives activation checkpointing and compile,
+                     and `MoEModel.output` averages it over real tokens and layers. Off, no per-slot
+                     output is built.
 
 Mixed widths (`model.expert_widths: [r1, r2, ...]`): the E experts split into len(widths) equal groups,
 in order, of hidden width int(r · d_expert); an architecture may also pass each expert's width
 (`hidden=`, e.g. tree experts narrowing with depth). Each run of equal widths is stacked separately:
 parameters `gate_up`, `down` for equal widths (one group, the names transformers' OLMoE conversion
-knows), `gate_up_{g}`, `down_{g}` for group g otherwise. Every parameter lives under `.experts.`, the marker that gradient
-clipping, parameter counting and HF conversion use for routed experts.
+knows), `gate_up_{g}`, `down_{g}` for group g otherwise. Every parameter lives under `.experts.`, the
+marker that gradient clipping, parameter counting and HF conversion use for routed experts.
 """
 
 from __future__ import annotations
@@ -27,8 +43,11 @@ import torch
 from torch import nn
 
 from moelab.moe.dispatch import PATHS, ExpertGroup, run_expert_groups
+from moelab.moe.losses import expert_output_orthogonality_per_token
+from moelab.moe.routing import RoutingInfo
 
 Dispatcher = Callable[["RoutedExperts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+OUTPUT_NORMS = ("none", "learned", "frozen")
 
 
 def expert_hidden_widths(n_experts: int, d_expert: int, widths: Sequence[float] = ()) -> list[int]:
@@ -49,11 +68,37 @@ class LocalDispatcher:
             raise ValueError(f"unknown dispatch kernel {kernel!r}; choose one of {', '.join(PATHS)}")
         self.kernel = kernel
 
-    def __call__(self, experts: RoutedExperts, x, topk_ids, topk_weights) -> torch.Tensor:
-        return run_expert_groups(x, topk_ids, topk_weights, experts.groups(), self.kernel)
+    def __call__(self, experts: RoutedExperts, x, topk_ids, topk_weights, per_slot: bool = False):
+        groups, norm = experts.groups(), experts.output_norm
+        return run_expert_groups(x, topk_ids, topk_weights, groups, self.kernel, norm, per_slot)
 
     def __repr__(self) -> str:
         return f"LocalDispatcher({self.kernel!r})"
+
+
+class ExpertOutputNorm(nn.Module):
+    """RMSNorm of each expert's own output, weight (E, D) per expert (learned) or 1 (frozen).
+
+    fp32 normalisation, cast back before the weight, as models/layers.py RMSNorm. Called by the
+    kernels on rows that belong to known experts: `norm(y (n, D), experts)` with experts an int (every
+    row from that expert) or (n,) long ids of each row.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, eps: float, learned: bool, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        ones = torch.ones(n_experts, d_model, device=device, dtype=dtype) if learned else None
+        self.weight = nn.Parameter(ones) if learned else None  # (E, D)
+
+    def forward(self, y: torch.Tensor, experts: int | torch.Tensor) -> torch.Tensor:
+        y32 = y.float()
+        normed = (y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + self.eps)).to(y.dtype)  # (n, D)
+        if self.weight is None:
+            return normed
+        return self.weight[experts].to(y.dtype) * normed  # (D,) or (n, D) weight rows
+
+    def extra_repr(self) -> str:
+        return f"{'learned' if self.weight is not None else 'frozen'}, eps={self.eps}"
 
 
 class RoutedExperts(nn.Module):
@@ -89,6 +134,19 @@ class RoutedExperts(nn.Module):
             self.register_parameter(f"down{suffix}", down)
             self.group_names.append((first, f"gate_up{suffix}", f"down{suffix}"))
         self.dispatcher = dispatcher or LocalDispatcher()
+        self.output_norm: ExpertOutputNorm | None = None  # set by configure_experts
+        self.output_orthogonality = False  # set by configure_experts
+
+    def set_output_norm(self, mode: str, eps: float) -> None:
+        """none | learned | frozen (see the module docstring); a learned weight starts at 1."""
+        if mode not in OUTPUT_NORMS:
+            raise ValueError(f"unknown expert output norm {mode!r}; choose one of {', '.join(OUTPUT_NORMS)}")
+        ref = self.groups()[0].gate_up
+        self.output_norm = (
+            None
+            if mode == "none"
+            else ExpertOutputNorm(self.n_experts, ref.shape[1], eps, mode == "learned", ref.device, ref.dtype)
+        )
 
     def groups(self) -> list[ExpertGroup]:
         """The weights as width groups, in expert order."""
@@ -97,16 +155,33 @@ class RoutedExperts(nn.Module):
         ]
 
     def expert_sizes(self) -> list[int]:
-        """Parameters of each routed expert: gate, up and down = 3 · D · I_e."""
+        """Parameters of each routed expert: gate, up and down = 3 · D · I_e, plus D for a learned
+        output norm (its row of the (E, D) weight)."""
         d_model = self.groups()[0].gate_up.shape[1]
-        return [3 * d_model * width for width in self.hidden]
+        learned = self.output_norm is not None and self.output_norm.weight is not None
+        return [3 * d_model * width + (d_model if learned else 0) for width in self.hidden]
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        return self.dispatcher(self, x, topk_ids, topk_weights)  # (T, D)
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, D)
+        topk_ids: torch.Tensor | RoutingInfo,  # (T, k) long, or the layer's RoutingInfo
+        topk_weights: torch.Tensor | None = None,  # (T, k); None when given a RoutingInfo
+    ) -> torch.Tensor:
+        """(T, D) mixed expert outputs. Given the layer's RoutingInfo, the ids and weights come from it
+        and, with output orthogonality on, each token's term (T,) is written to its extra."""
+        routing = topk_ids if isinstance(topk_ids, RoutingInfo) else None
+        if routing is not None:
+            topk_ids, topk_weights = routing.topk_ids, routing.topk_weights
+        if routing is None or not self.output_orthogonality:
+            return self.dispatcher(self, x, topk_ids, topk_weights)  # (T, D)
+        out, y = self.dispatcher(self, x, topk_ids, topk_weights, per_slot=True)  # (T, D), (T, k, D)
+        routing.extra["expert_output_orthogonality"] = expert_output_orthogonality_per_token(y, topk_ids >= 0)
+        return out
 
     def extra_repr(self) -> str:
         widths = sorted(set(self.hidden))
-        return f"n_experts={self.n_experts}, widths={widths}, dispatcher={self.dispatcher!r}"
+        orth = ", output_orthogonality=True" if self.output_orthogonality else ""
+        return f"n_experts={self.n_experts}, widths={widths}, dispatcher={self.dispatcher!r}{orth}"
 
 
 def set_dispatcher(model: nn.Module, dispatcher: Dispatcher) -> int:
@@ -114,4 +189,17 @@ def set_dispatcher(model: nn.Module, dispatcher: Dispatcher) -> int:
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     for module in experts:
         module.dispatcher = dispatcher
+    return len(experts)
+
+
+def configure_experts(model: nn.Module, config) -> int:
+    """Set the output regularisers of `config.moe` on every RoutedExperts in `model` (see the module
+    docstring): the output norm (eps = model.rms_norm_eps) and whether the per-token expert-output
+    orthogonality is computed. Called by `moelab.build` before any weights are loaded; returns how
+    many RoutedExperts there are."""
+    moe = config.moe
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    for module in experts:
+        module.set_output_norm(moe.expert_output_norm, config.model.rms_norm_eps)
+        module.output_orthogonality = moe.expert_output_orthogonality_coef > 0
     return len(experts)

@@ -73,6 +73,49 @@ def routing_losses(
 # Each is off (not computed, not in `out.losses`) while its coefficient in `moe:` is 0.
 
 
+def token_layer_mean(per_layer: list[torch.Tensor], valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over real tokens of each layer's (T,) values, then over layers."""
+    w = _valid_weights(per_layer[0].shape[0], valid, per_layer[0].device)
+    n_valid = w.sum().clamp(min=1)
+    return torch.stack([(v.float() * w).sum() / n_valid for v in per_layer]).mean()
+
+
+def expert_output_orthogonality_per_token(y: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """‖C − I‖_F / k' per token, C the cosine similarities of its k' real expert outputs.
+
+    y: (T, k, D) each slot's expert output before mixing; real: (T, k) bool, False for id -1 slots
+    (left out of C). 0 when a token's experts write orthogonal directions, √(1 − 1/k') when they all write
+    the same one. Only the off-diagonal of C enters (its diagonal is 1 by definition; an all-zero
+    output would otherwise count as −1). A token with one real slot costs 0. Returns (T,) fp32.
+    """
+    u = torch.nn.functional.normalize(y.float(), dim=-1)  # (T, k, D) unit rows (0 stays 0)
+    cos = u @ u.transpose(1, 2)  # (T, k, k)
+    k = real.shape[1]
+    pairs = real[:, :, None] & real[:, None, :] & ~torch.eye(k, dtype=torch.bool, device=real.device)
+    n_real = real.sum(dim=1).clamp(min=1)  # (T,) k'
+    return torch.linalg.vector_norm(cos * pairs, dim=(1, 2)) / n_real
+
+
+def expert_output_orthogonality(
+    per_token: list[torch.Tensor], valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The per-token terms (T,) of each MoE layer averaged over real tokens and layers."""
+    return token_layer_mean(per_token, valid)
+
+
+def expert_size_loss(
+    router_logits: list[torch.Tensor], widths: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_e p_e · I_e / d_expert per token, p the unbiased router softmax, averaged over real tokens and
+    layers: the expected relative width of the experts a token's router favours.
+
+    widths: (E,) I_e / d_expert. Differentiable in the logits, so it moves probability to narrower
+    experts. With equal widths it is the constant Σ_e p_e = 1 (no gradient).
+    """
+    per_layer = [lg.float().softmax(dim=-1) @ widths.to(lg.device, torch.float32) for lg in router_logits]
+    return token_layer_mean(per_layer, valid)  # each (T,)
+
+
 def router_orthogonality(router_weights: list[torch.Tensor]) -> torch.Tensor:
     """‖Ŵ Ŵᵀ − I‖_F / (E·√D) of the row-normalised router weights Ŵ (E, D), averaged over layers.
 
@@ -102,16 +145,40 @@ def topk_gap_loss(
 
 
 def specialization_losses(
-    routing, router_weights: list[torch.Tensor], config, valid: torch.Tensor | None = None
+    routing,
+    router_weights: list[torch.Tensor],
+    config,
+    valid: torch.Tensor | None = None,
+    expert_widths: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The specialization regularisers switched on in `config.moe` (unweighted). router_weights: the
-    (E, D_in) matrix each MoE layer's logits come from (for cross-layer routing: shared + offset)."""
+    (E, D_in) matrix each MoE layer's logits come from (for cross-layer routing: shared + offset).
+    expert_widths: (E,) I_e / d_expert for the expert-size penalty; default from `model.expert_widths`.
+    The expert-output orthogonality reads the per-token terms RoutedExperts left in each layer's
+    `routing.extra` (moe/experts.py)."""
     moe, losses = config.moe, {}
     if moe.router_orthogonality_coef > 0 and router_weights:
         losses["router_orthogonality"] = router_orthogonality(router_weights)
     if moe.topk_gap_coef > 0 and routing:
         logits = [r.router_logits for r in routing]
         losses["topk_gap"] = topk_gap_loss(logits, config.model.top_k, moe.topk_gap_cap, valid)
+    if moe.expert_output_orthogonality_coef > 0 and routing:
+        key = "expert_output_orthogonality"
+        missing = [i for i, r in enumerate(routing) if key not in r.extra]
+        if missing:
+            raise RuntimeError(
+                f"moe.expert_output_orthogonality_coef > 0 but MoE layer {missing[0]} recorded no expert "
+                f"outputs: the model file must call its experts with the RoutingInfo, experts(x, routing)"
+            )
+        losses[key] = expert_output_orthogonality([r.extra[key] for r in routing], valid)
+    if moe.expert_size_penalty > 0 and routing:
+        if expert_widths is None:
+            from moelab.moe.experts import expert_hidden_widths  # experts.py imports this module
+
+            cfg = config.model
+            hidden = expert_hidden_widths(cfg.n_experts, cfg.d_expert, cfg.expert_widths)
+            expert_widths = torch.tensor(hidden, dtype=torch.float32) / cfg.d_expert
+        losses["expert_size"] = expert_size_loss([r.router_logits for r in routing], expert_widths, valid)
     return losses
 
 
@@ -131,9 +198,9 @@ def loss_coefficients(config, step: int | None = None) -> dict[str, float]:
     """Weight of every loss term a model may return.
 
     ce = 1; load_balance = moe.load_balance_coef (decayed by train.load_balance_decay_steps at `step`;
-    no schedule when step is None); router_z = moe.z_loss_coef; router_orthogonality, topk_gap =
-    moe.router_orthogonality_coef, moe.topk_gap_coef; and for a model-specific term NAME the
-    architecture's own config field `model.NAME_coef`.
+    no schedule when step is None); router_z = moe.z_loss_coef; router_orthogonality, topk_gap,
+    expert_output_orthogonality = moe.NAME_coef; expert_size = moe.expert_size_penalty; and for a
+    model-specific term NAME the architecture's own config field `model.NAME_coef`.
     """
     moe = config.moe
     lb = moe.load_balance_coef
@@ -142,6 +209,8 @@ def loss_coefficients(config, step: int | None = None) -> dict[str, float]:
     coefs = {"ce": 1.0, "load_balance": lb, "router_z": moe.z_loss_coef}
     coefs["router_orthogonality"] = moe.router_orthogonality_coef
     coefs["topk_gap"] = moe.topk_gap_coef
+    coefs["expert_output_orthogonality"] = moe.expert_output_orthogonality_coef
+    coefs["expert_size"] = moe.expert_size_penalty
     for name, value in vars(config.model).items():
         if name.endswith("_coef") and isinstance(value, int | float):
             coefs[name.removesuffix("_coef")] = float(value)
