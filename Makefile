@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo compare bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test: setup lint
 
 demo: setup
 	$(BIN)/python -m moelab.demo
+
+# the matched architecture comparison (configs/compare/, docs/ARCHITECTURES.md): ~45 min on 2 CPU cores
+compare: setup
+	$(BIN)/python -m moelab.compare
 
 bench: setup
 	$(BIN)/python benchmarks/moe_layer.py

@@ -37,30 +37,22 @@ def finished(run: Path, steps: int) -> bool:
     return ckpt is not None and int(ckpt.name.split("-")[1]) >= steps
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelab.demo", description=__doc__)
-    parser.add_argument("--steps", type=int, default=None, help="override train.steps (quick tries)")
-    args = parser.parse_args(argv)
-    start = time.time()
-    from moelab.config import load_config
-
-    steps = args.steps or load_config(CONFIG).train.steps
-    overrides = [f"train.steps={steps}"]  # also on resume: the run's saved config may hold another length
+def prepare_data(of: str) -> tuple[Path, Path, Path]:
+    """Steps 1-3 of the demo (and of `make compare`): the embedded corpus, an 8k BPE, the tokens.
+    Returns the corpus, tokenizer and tokens directories under data/demo/."""
     corpus, tok, tokens = DATA / "corpus", DATA / "tokenizer", DATA / "tokens"
-    trace, ctx, report = RUN / "trace", RUN / "trace-contextual", RUN / "report.html"
-
     step(
-        "1/9 build the embedded multi-domain corpus",
+        f"1{of} build the embedded multi-domain corpus",
         (corpus / "metadata.json").is_file(),
         ["data", "corpus", "--out", str(corpus)],
     )
     step(
-        "2/9 train an 8k byte-level BPE",
+        f"2{of} train an 8k byte-level BPE",
         (tok / "tokenizer.json").is_file(),
         ["tokenizer", "train", str(corpus / "train.jsonl"), "--vocab-size", "8192", "--out", str(tok)],
     )
     step(
-        "3/9 tokenize (2 workers)",
+        f"3{of} tokenize (2 workers)",
         (tokens / "metadata.json").is_file(),
         [
             "data",
@@ -75,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             "2",
         ],
     )
+    return corpus, tok, tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moelab.demo", description=__doc__)
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps (quick tries)")
+    args = parser.parse_args(argv)
+    start = time.time()
+    from moelab.config import load_config
+
+    steps = args.steps or load_config(CONFIG).train.steps
+    overrides = [f"train.steps={steps}"]  # also on resume: the run's saved config may hold another length
+    corpus, tok, tokens = prepare_data("/9")
+    trace, ctx, report = RUN / "trace", RUN / "trace-contextual", RUN / "report.html"
     trained_now = not finished(RUN, steps)
     resume = ["--resume"] if (RUN / "checkpoints" / "latest").is_file() else []
     step(
