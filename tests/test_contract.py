@@ -111,7 +111,7 @@ def reference_balancing(case: Case, logits: torch.Tensor) -> tuple[torch.Tensor,
     """(load_balance, router_z) of one layer by hand from its unbiased (T, E) logits, all tokens real:
     OLMoE's per_layer convention for flat routers; per node for a tree (tree_reference.py)."""
     if case.id == "hierarchical":
-        lb, z = reference_balance(logits, 2, 2, K)
+        lb, z = reference_balance(logits, 2, 2, K)  # TREE: b = 2, depth 2
         return torch.tensor(lb, dtype=torch.float64), torch.tensor(z, dtype=torch.float64)
     n = logits.shape[-1]
     probs = logits.softmax(-1)
@@ -387,15 +387,7 @@ def test_kv_cache_decoding_equals_recompute(case):
 
 @all_cases
 @torch.no_grad()
-def test_trace_and_analyze(case, two_domain_data, tmp_path, request):
-    if case.slots != K:
-        request.applymarker(
-            pytest.mark.xfail(
-                raises=ValueError,
-                strict=True,
-                reason="moelab.interp.trace sizes topk_ids by model.top_k, not by the routing's width",
-            )
-        )
+def test_trace_and_analyze(case, two_domain_data, tmp_path):
     model = build(case, *data_overrides(two_domain_data)).eval()
     ckpt = moelab.save_checkpoint(
         model, tmp_path / "ckpt", tokenizer=two_domain_data / "tok" / "tokenizer.json"
