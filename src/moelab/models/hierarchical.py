@@ -83,7 +83,7 @@ class MoE(nn.Module):
         B, N, D = x.shape
         flat = x.reshape(B * N, D)  # (T, D)
         routing = self.router(flat)  # topk_ids, topk_weights: (T, k·L)
-        y = self.experts(flat, routing.topk_ids, routing.topk_weights)  # (T, D)
+        y = self.experts(flat, routing)  # (T, D); ids and weights from routing, which gets expert terms
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(B, N, D), routing
