@@ -269,3 +269,13 @@ def test_analyze_and_summary_of_a_tree_trace(tmp_path, capsys):
     (out / "meta.json").write_text(json.dumps({**meta, "expert_widths": [[64] * 14]}))
     with pytest.raises(MoelabError, match="expert_widths must be 2 lists"):
         Trace.open(out)
+
+
+def test_a_tree_trace_may_have_more_slots_than_experts_but_a_flat_one_may_not():
+    # b = 2, depth 2 (6 edges), top-4 paths = every leaf: 4 paths x 2 levels = 8 slots, 6 distinct experts
+    ids = np.array([[[0, 2, 3, 1, 4, 5, -1, -1]]], dtype=np.int16)  # (1, 1, 8)
+    trace = Trace.from_arrays(ids, n_experts=6, meta={"tree": {"branches": 2, "depth": 2, "paths": 4}})
+    assert structure.tree_paths(trace, 0)["reach"].tolist() == [1.0] * 6
+    assert metrics.expert_token_counts(trace).tolist() == [[1.0] * 6]
+    with pytest.raises(MoelabError, match="top_k 8 exceeds n_experts 6"):
+        Trace.from_arrays(ids, n_experts=6)
