@@ -272,6 +272,12 @@ def test_hf_concat_balancing_is_refused_at_build():
         build("moe.load_balance=hf_concat")
 
 
+@pytest.mark.parametrize("override", ["moe.topk_gap_coef=0.1", "moe.expert_size_penalty=0.1"])
+def test_flat_router_regularisers_are_refused_at_build(override):
+    with pytest.raises(ConfigError, match="is a flat-router regulariser"):
+        build(override)
+
+
 def test_moelab_new_from_hierarchical_with_its_default_config(tmp_path, monkeypatch):
     import yaml
 

@@ -116,6 +116,12 @@ class Hierarchical(MoEModel):
                 "moe.load_balance=hf_concat is a flat-router convention; hierarchical balances each "
                 "node's branches (per_layer) or not at all (none)"
             )
+        for name in ("topk_gap_coef", "expert_size_penalty"):  # both read one softmax over all experts
+            if getattr(config.moe, name) > 0:
+                raise ConfigError(
+                    f"moe.{name}={getattr(config.moe, name)} is a flat-router regulariser (one softmax over "
+                    f"all experts); hierarchical routes by per-node softmaxes: set it to 0"
+                )
         self.config = config
         cfg = self.cfg = config.model
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
