@@ -3,7 +3,6 @@ table's numbers equal hand computations and per-token loops."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from test_metrics import make_trace
 
 import moelab
+import moelab.interp.trace_file
 from moelab import compare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,41 +68,61 @@ def test_domain_lift_equals_a_per_token_loop():
     assert lift["mean"] == pytest.approx(sum(expected) / L)
 
 
+def analysis(vocab, cont, lift, tis, load=None, tree=None):
+    """A minimal analysis.json entry: two layers, one contextual word."""
+    layers = [
+        {"vocab_specialization": {"normalized": v}, "expert_continuity_next": c, "max_vio": m, "load": load}
+        for v, c, m in zip(vocab, cont, (0.1, 0.3))
+    ]
+    data = {"layers": layers, "paths": {"norm_entropy": 0.75, "cover_80": 1234}}
+    if tree:
+        data["tree"] = tree
+    ctx = {"tis": {"bank": tis}, "ics": {"bank": [1.0, float("nan")]}}
+    return {"data": data, "domain_lift": {"mean": lift}, "contextual": ctx}
+
+
 def test_summary_row_and_markdown_table_by_hand():
-    ev = {
-        "params": {"active": 3_152_000},
-        "loss": 5.5,
-        "domain_loss": {"drama": 5.0},
-        "max_vio_global": [0.2, 0.4],
-    }
-
-    def layer(vocab, cont):
-        return {
-            "vocab_specialization": {"normalized": vocab},
-            "expert_continuity_next": cont,
-        }
-
-    data = {
-        "n_experts": 8,
-        "top_k": 2,
-        "layers": [layer(0.1, 0.5), layer(0.3, None)],  # the last layer has no next layer
-        "paths": {"norm_entropy": 0.75, "cover_80": 1234},
-    }
-    ctx = {
-        "tis": {"bank": [0.2, None], "bat": [0.4, 0.6]},
-        "ics": {"bank": [1.0, 0.5], "bat": [float("nan"), 0.0]},
-    }
-    row = compare.summarise("olmoe", ev, {"data": data, "domain_lift": {"mean": 1.5}, "contextual": ctx})
-    assert row["max_vio"] == pytest.approx(0.3)
-    assert row["vocab"] == pytest.approx(0.2) and row["continuity"] == pytest.approx(0.5)
-    assert row["tis"] == pytest.approx(0.4) and row["ics"] == pytest.approx(0.5)
-    assert row["continuity_random"] == pytest.approx(1 - math.comb(6, 2) / math.comb(8, 2))  # 13/28
+    ev = {"params": {"active": 3_152_000}, "loss": 5.5, "domain_loss": {"drama": 5.0}}
+    run = analysis([0.1, 0.3], [0.5, None], 1.5, [0.2, None])  # the last layer has no next layer
+    run["random"] = analysis([0.0, 0.1], [0.25, None], 1.0, [0.1, 0.3])
+    row = compare.summarise("olmoe", ev, run)
+    assert row["max_vio"] == pytest.approx(0.2) and row["vocab"] == pytest.approx(0.2)
+    assert row["continuity"] == pytest.approx(0.5) and row["tis"] == pytest.approx(0.2)
+    assert row["ics"] == pytest.approx(1.0) and row["random"]["tis"] == pytest.approx(0.2)
     table = compare.markdown_table([row]).splitlines()
-    assert table[0].startswith("| run | active params | val loss | drama loss | MaxVio (0) |")
+    assert table[0].startswith("| run | active params | val loss | drama loss | MaxVio | domain lift |")
     assert table[2] == (
-        "| olmoe | 3,152,000 | 5.500 | 5.000 | 0.300 | 1.50 | 0.200 | 0.400 | 0.500 | 0.500 (0.464) "
-        "| 0.750 | 1,234 | – |"
+        "| olmoe | 3,152,000 | 5.500 | 5.000 | 0.200 (0.200) | 1.50 (1.00) | 0.200 (0.050) | 0.200 (0.200) "
+        "| 1.000 (1.000) | 0.500 (0.250) | 0.750 (0.750) | 1,234 (1,234) | – |"
     )
+
+
+def test_tree_max_vio_is_taken_within_each_depth():
+    # b = 2, depth 2: experts 0, 1 at depth 1 and 2..5 at depth 2
+    load = [0.3, 0.2, 0.2, 0.1, 0.1, 0.1]
+    tree = {"branches": 2, "depth": 2, "paths": [{"top_share": 0.5}, {"top_share": 0.7}]}
+    numbers = compare.routing_numbers(analysis([0, 0], [0, 0], 1.0, [0, 0], load=load, tree=tree))
+    depth1, depth2 = 0.3 / 0.25 - 1, 0.2 / 0.125 - 1  # max/mean − 1 within each depth
+    assert numbers["max_vio"] == pytest.approx((depth1 + depth2) / 2)  # both layers alike
+    assert numbers["tree_top10"] == pytest.approx(0.6)
+
+
+def test_permuted_baseline_keeps_loads_and_sets_and_removes_domain_preference():
+    rng = np.random.default_rng(0)
+    T, E = 20_000, 6
+    domains = rng.integers(0, 2, T)
+    ids = np.stack([(domains * 3 + rng.integers(0, 3, T)), rng.integers(0, E, T)], axis=1)  # (T, 2)
+    ids[:, 1] = np.where(ids[:, 1] == ids[:, 0], -1, ids[:, 1])
+    trace = moelab.interp.trace_file.Trace.from_arrays(
+        np.stack([ids, ids[::-1]]), domains=domains.astype(np.int16), domain_names=["a", "b"], n_experts=E
+    )
+    shuffled = compare.permuted(trace)
+    original, dealt = np.asarray(trace.topk_ids), np.asarray(shuffled.topk_ids)
+    for layer in range(2):  # the same multiset of expert sets per layer, in another order
+        before, after = (sorted(map(tuple, a[layer].tolist())) for a in (original, dealt))
+        assert before == after and not np.array_equal(original[layer], dealt[layer])
+    assert compare.domain_lift(trace)["per_layer"][0] > 1.4  # experts 0-2 serve domain a only
+    np.testing.assert_allclose(compare.domain_lift(shuffled)["per_layer"], [1.0, 1.0], atol=0.05)
 
 
 def test_an_unknown_run_name_is_one_line(capsys):

@@ -76,14 +76,53 @@ def evaluate_run(run: Path, tokens: Path) -> None:
 
 
 def analyze_run(run: Path) -> None:
-    """run/analysis.json: every metric of both traces, plus the domain lift (see `domain_lift`)."""
-    from moelab.interp import metrics
+    """run/analysis.json: the metrics of both traces ("data", "domain_lift", "contextual") and the same
+    for their permuted-routes baseline ("random", see `permuted`)."""
     from moelab.interp.trace_file import Trace
 
-    trace = Trace.open(run / "trace")
-    result = {"data": metrics.analyze(trace), "domain_lift": domain_lift(trace)}
-    result["contextual"] = metrics.analyze(Trace.open(run / "trace-contextual")).get("contextual")
+    data, ctx = Trace.open(run / "trace"), Trace.open(run / "trace-contextual")
+    result = trace_metrics(data, ctx)
+    result["random"] = trace_metrics(permuted(data), permuted(ctx))
     write_text(run / "analysis.json", json.dumps(result))
+
+
+def trace_metrics(data, ctx) -> dict:
+    from moelab.interp import metrics
+
+    return {
+        "data": metrics.analyze(data),
+        "domain_lift": domain_lift(data),
+        "contextual": metrics.analyze(ctx).get("contextual"),
+    }
+
+
+def permuted(trace, seed: int = 0):
+    """The random baseline of every metric in the table, for any architecture: the same trace with each
+    layer's expert sets dealt to the tokens at random (an independent permutation per layer). Loads, set
+    sizes and tree paths stay as the model made them; any link between a token (its identity, domain,
+    sense, or its experts at other layers) and its experts is gone."""
+    from moelab.interp.trace_file import Trace
+
+    rng = np.random.default_rng(seed)
+    ids = np.asarray(trace.topk_ids)  # (L, T, k)
+    shuffled = np.stack([layer[rng.permutation(trace.n_tokens)] for layer in ids])
+    ctx = trace.meta.get("contextual")
+    extra = {key: trace.meta[key] for key in ("tree", "expert_widths") if key in trace.meta}
+    return Trace.from_arrays(
+        shuffled,
+        token_ids=trace.token_ids,
+        doc_ids=trace.doc_ids,
+        positions=trace.positions,
+        domains=trace.domains,
+        domain_names=trace.domain_names,
+        n_experts=trace.n_experts,
+        contextual=None if ctx is None else {key: ctx[key] for key in ("words", "token_ids", "senses")},
+        context_word=trace.context_word,
+        context_sense=trace.context_sense,
+        context_target=trace.context_target,
+        name=f"{trace.name} (permuted)",
+        meta=extra,
+    )
 
 
 def write_text(path: Path, text: str) -> None:
@@ -120,30 +159,50 @@ def domain_lift(trace) -> dict:
 
 
 def summarise(name: str, ev: dict, analysis: dict) -> dict:
-    """One row of the comparison: scalars from a run's eval.json and analysis.json."""
+    """One row of the comparison: the run's numbers, and under "random" those of its permuted baseline."""
+    row = {"name": name, "active": ev["params"]["active"], "loss": ev["loss"]}
+    row["domain_loss"] = ev.get("domain_loss", {})
+    row.update(routing_numbers(analysis))
+    row["random"] = routing_numbers(analysis["random"]) if "random" in analysis else None
+    return row
+
+
+def routing_numbers(analysis: dict) -> dict:
+    """The table's routing metrics from one analysis ({"data", "domain_lift", "contextual"})."""
     data = analysis["data"]
-    E, k = data["n_experts"], data["top_k"]
-    layers = data["layers"]
+    layers, tree = data["layers"], data.get("tree")
     ctx = analysis.get("contextual") or {}
     tis = [v for word in ctx.get("tis", {}).values() for v in word if v is not None]
     ics = [v for word in ctx.get("ics", {}).values() for v in word if v is not None]
-    tree = data.get("tree")
     return {
-        "name": name,
-        "active": ev["params"]["active"],
-        "loss": ev["loss"],
-        "domain_loss": ev.get("domain_loss", {}),
-        "max_vio": float(np.mean(ev["max_vio_global"])),
+        "max_vio": max_vio(data),
         "domain_lift": analysis["domain_lift"]["mean"],
         "vocab": _mean([row["vocab_specialization"]["normalized"] for row in layers]),
         "tis": _mean(tis),
         "ics": _mean(ics),
         "continuity": _mean([row["expert_continuity_next"] for row in layers]),
-        "continuity_random": None if tree else 1 - math.comb(E - k, k) / math.comb(E, k),
         "route_entropy": data["paths"]["norm_entropy"],
         "routes_80": data["paths"]["cover_80"],
         "tree_top10": None if not tree else _mean([layer["top_share"] for layer in tree["paths"]]),
     }
+
+
+def max_vio(data: dict) -> float:
+    """Mean over layers of max(load)/mean(load) − 1 over the experts that should share the load
+    evenly: all of them, or for a tree those of each depth (deeper experts see fewer tokens by design)."""
+    tree = data.get("tree")
+    if tree is None:
+        return _mean([row["max_vio"] for row in data["layers"]])
+    from moelab.interp.structure import expert_depths
+
+    depths = expert_depths(tree["branches"], tree["depth"])  # (E,)
+    vios = []
+    for row in data["layers"]:
+        load = np.asarray(row["load"], dtype=np.float64)
+        for d in range(1, tree["depth"] + 1):
+            group = load[depths == d]
+            vios.append(group.max() / max(group.mean(), 1e-12) - 1)
+    return float(np.mean(vios))
 
 
 def _mean(values) -> float | None:
@@ -155,42 +214,34 @@ def _cell(value, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+COLUMNS = (  # (key, header, format): routing metrics, each shown as "value (permuted baseline)"
+    ("max_vio", "MaxVio", ".3f"),
+    ("domain_lift", "domain lift", ".2f"),
+    ("vocab", "vocab spec.", ".3f"),
+    ("tis", "TIS", ".3f"),
+    ("ics", "ICS", ".3f"),
+    ("continuity", "continuity", ".3f"),
+    ("route_entropy", "route entropy", ".3f"),
+    ("routes_80", "routes for 80%", ","),
+    ("tree_top10", "tree: top-10 paths", ".3f"),
+)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The comparison as a markdown table, one row per run (random baselines in the header)."""
+    """The comparison as a markdown table, one row per run; each routing metric is followed by its
+    permuted-routes baseline in brackets."""
     domains = sorted({d for row in rows for d in row["domain_loss"]})
-    head = (
-        ["run", "active params", "val loss"]
-        + [f"{d} loss" for d in domains]
-        + [
-            "MaxVio (0)",
-            "domain lift (1)",
-            "vocab spec.",
-            "TIS",
-            "ICS",
-            "continuity (random)",
-            "route entropy (1)",
-            "routes for 80%",
-            "tree: top-10 paths",
-        ]
-    )
+    head = ["run", "active params", "val loss"] + [f"{d} loss" for d in domains] + [h for _, h, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cont = _cell(r["continuity"]) + (f" ({r['continuity_random']:.3f})" if r["continuity_random"] else "")
-        cells = (
-            [r["name"], f"{r['active']:,}", _cell(r["loss"])]
-            + [_cell(r["domain_loss"].get(d)) for d in domains]
-            + [
-                _cell(r["max_vio"]),
-                _cell(r["domain_lift"], ".2f"),
-                _cell(r["vocab"]),
-                _cell(r["tis"]),
-                _cell(r["ics"]),
-                cont,
-                _cell(r["route_entropy"]),
-                f"{r['routes_80']:,}",
-                _cell(r["tree_top10"]),
-            ]
-        )
+        cells = [r["name"], f"{r['active']:,}", _cell(r["loss"])] + [
+            _cell(r["domain_loss"].get(d)) for d in domains
+        ]
+        for key, _, spec in COLUMNS:
+            base = (r.get("random") or {}).get(key)
+            cells.append(
+                _cell(r[key], spec) + ("" if base is None or r[key] is None else f" ({_cell(base, spec)})")
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
