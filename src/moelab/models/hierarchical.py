@@ -13,7 +13,8 @@ argument, the balancing loss and the router live in `moelab.moe.tree`.
 
 Balancing: the load-balancing term balances each node's branch choices (`tree_balance_loss`), the z-loss
 is per node, and loss-free balancing moves each branch's bias toward its siblings' mean count.
-Everything else (attention, norms, RoPE, KV cache, dispatch) is the base model's.
+Everything else (blocks, attention, norms, RoPE, KV cache, dispatch, the model assembly) is OLMoE's:
+this file subclasses `moelab.models.olmoe` and changes only the MoE block.
 Shapes: B batch, N sequence, D d_model, E experts, k top_k paths, L tree depth, T = B·N, V vocabulary.
 """
 
@@ -26,8 +27,8 @@ from torch import nn
 
 from moelab.config import Config, ModelConfig
 from moelab.errors import ConfigError
-from moelab.models.base import MoEModel, MoEOutput, normal_init
-from moelab.models.layers import Attention, KVCache, RMSNorm, SwiGLU
+from moelab.models.layers import SwiGLU
+from moelab.models.olmoe import MoE, OLMoE
 from moelab.moe.experts import RoutedExperts
 from moelab.moe.tree import TreeRouter, tree_balance_loss, tree_experts, tree_widths, tree_z_loss
 
@@ -67,11 +68,12 @@ class HierarchicalConfig(ModelConfig):
             )
 
 
-class MoE(nn.Module):
-    """Tree router → the experts on the top-k paths (+ shared experts on every token)."""
+class TreeMoE(MoE):
+    """Tree router → the experts on the top-k paths (+ shared experts on every token); the forward
+    pass is OLMoE's MoE block's."""
 
     def __init__(self, cfg: HierarchicalConfig, moe_cfg):
-        super().__init__()
+        nn.Module.__init__(self)
         b, depth = cfg.tree_branches, cfg.tree_depth
         self.router = TreeRouter(cfg.d_model, b, depth, cfg.top_k, bias_clamp=moe_cfg.lflb_bias_clamp)
         hidden = tree_widths(b, depth, cfg.d_expert)  # one stacked group per depth
@@ -79,38 +81,15 @@ class MoE(nn.Module):
         n_shared = cfg.n_shared_experts
         self.shared = SwiGLU(cfg.d_model, n_shared * cfg.d_expert) if n_shared else None
 
-    def forward(self, x):  # (B, N, D)
-        B, N, D = x.shape
-        flat = x.reshape(B * N, D)  # (T, D)
-        routing = self.router(flat)  # topk_ids, topk_weights: (T, k·L)
-        y = self.experts(flat, routing)  # (T, D); ids and weights from routing, which gets expert terms
-        if self.shared is not None:
-            y = y + self.shared(flat)
-        return y.view(B, N, D), routing
 
+class Hierarchical(OLMoE):
+    """OLMoE's blocks and assembly with `TreeMoE` blocks, the tree's balancing losses and its count of
+    active parameters."""
 
-class Block(nn.Module):
-    def __init__(self, cfg: HierarchicalConfig, moe_cfg, dense: bool):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.d_dense) if dense else MoE(cfg, moe_cfg)
-
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
-        h = self.mlp_norm(x)
-        if isinstance(self.mlp, MoE):
-            y, routing = self.mlp(h)
-            return x + y, routing
-        return x + self.mlp(h), None
-
-
-class Hierarchical(MoEModel):
     config_class = HierarchicalConfig
+    moe_class = TreeMoE
 
     def __init__(self, config: Config):
-        super().__init__()
         if config.moe.load_balance == "hf_concat":
             raise ConfigError(
                 "moe.load_balance=hf_concat is a flat-router convention; hierarchical balances each "
@@ -122,31 +101,7 @@ class Hierarchical(MoEModel):
                     f"moe.{name}={getattr(config.moe, name)} is a flat-router regulariser (one softmax over "
                     f"all experts); hierarchical routes by per-node softmaxes: set it to 0"
                 )
-        self.config = config
-        cfg = self.cfg = config.model
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.blocks = nn.ModuleList(
-            [Block(cfg, config.moe, dense=i < cfg.n_dense_layers) for i in range(cfg.n_total_layers)]
-        )
-        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)  # (Dh/2,)
-        self.reset_parameters()
-
-    @property
-    def moe_layers(self) -> list[MoE]:
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
-
-    def routers(self) -> list[TreeRouter]:
-        return [moe.router for moe in self.moe_layers]
-
-    def reset_parameters(self) -> None:
-        """The base init (normal_init); orthogonal router rows with moe.router_init=orthogonal."""
-        normal_init(self, self.cfg)
-        if self.config.moe.router_init == "orthogonal":
-            for router in self.routers():
-                nn.init.orthogonal_(router.weight)
-        self.init_non_persistent()
+        super().__init__(config)
 
     def balance_losses(self, routing, valid) -> dict[str, torch.Tensor]:
         """load_balance: each node's branch choices (moe.tree.tree_balance_loss), unless
@@ -176,26 +131,6 @@ class Hierarchical(MoEModel):
             for d in range(1, self.cfg.tree_depth + 1):  # the first expert of depth d is tree_experts(b, d-1)
                 active += min(k, b**d) * sizes[tree_experts(b, d - 1)]
         return {"total": total, "active": active}
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # (B, N)
-        attention_mask: torch.Tensor | None = None,  # (B, N), or (B, cached + N) with a cache; 1 = real
-        labels: torch.Tensor | None = None,  # (B, N) next-token targets (already shifted); -100 = ignore
-        cache: KVCache | None = None,
-        position_ids: torch.Tensor | None = None,  # (B, N); default: positions after the cache
-    ) -> MoEOutput:
-        x = self.embed(input_ids)  # (B, N, D)
-        cos, sin, mask = self.positions(input_ids, attention_mask, cache, position_ids, x.dtype)
-        routing = []
-        for i, block in enumerate(self.blocks):
-            x, r = block(x, cos, sin, mask, cache, i)
-            if r is not None:
-                routing.append(r)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        logits = self.lm_head(self.norm(x))  # (B, N, V)
-        return self.output(input_ids, logits, routing, labels, attention_mask)
 
 
 Model = Hierarchical  # the registry builds `Model(config)` from each model file

@@ -65,12 +65,12 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: OLMoEConfig, moe_cfg, dense: bool):
+    def __init__(self, cfg: OLMoEConfig, moe_cfg, dense: bool, moe_class: type[MoE] = MoE):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.d_dense) if dense else MoE(cfg, moe_cfg)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_dense) if dense else moe_class(cfg, moe_cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
@@ -83,6 +83,7 @@ class Block(nn.Module):
 
 class OLMoE(MoEModel):
     config_class = OLMoEConfig
+    moe_class = MoE  # an architecture that only changes the MoE block subclasses OLMoE and sets this
 
     def __init__(self, config: Config):
         super().__init__()
@@ -91,7 +92,10 @@ class OLMoE(MoEModel):
         # padding_idx: the pad row gets no gradient, as in transformers (it stays zero from init)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.blocks = nn.ModuleList(
-            [Block(cfg, config.moe, dense=i < cfg.n_dense_layers) for i in range(cfg.n_total_layers)]
+            [
+                Block(cfg, config.moe, i < cfg.n_dense_layers, self.moe_class)
+                for i in range(cfg.n_total_layers)
+            ]
         )
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
