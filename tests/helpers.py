@@ -60,3 +60,18 @@ def tiny_model_overrides(*extra: str, eos_token_id: int = 2) -> list[str]:
         "model.max_seq_len=64",
         *extra,
     ]
+
+
+# A 2-layer model for the two-domain training data of conftest.py (its BPE: eos 0, pad 1).
+TINY_TRAIN_MODEL = [
+    "model.vocab_size=320",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.d_expert=32",
+    "model.n_experts=4",
+    "model.top_k=2",
+    "model.max_seq_len=32",
+    "model.pad_token_id=1",
+    "model.eos_token_id=0",
+]

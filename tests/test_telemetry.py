@@ -5,23 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_TRAIN_MODEL
 
 import moelab
 from moelab.train import telemetry
 from moelab.train.trainer import prepare_run, train
 
-BASE = [
-    "model.vocab_size=320",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.d_expert=32",
-    "model.n_experts=4",
-    "model.top_k=2",
-    "model.max_seq_len=32",
-    "model.pad_token_id=1",
-    "model.eos_token_id=0",
-]
+BASE = TINY_TRAIN_MODEL
 
 
 def test_expert_widths_are_read_from_the_model():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_TRAIN_MODEL
 
 from moelab.cli import main
 from moelab.config import load_config
@@ -29,16 +30,7 @@ def data_dir(two_domain_data) -> Path:
 
 def tiny_overrides(data_dir: Path, **train) -> list[str]:
     base = [
-        "model.vocab_size=320",
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.d_expert=32",
-        "model.n_experts=4",
-        "model.top_k=2",
-        "model.max_seq_len=32",
-        "model.pad_token_id=1",
-        "model.eos_token_id=0",
+        *TINY_TRAIN_MODEL,
         "moe.lflb=true",
         "moe.lflb_rate=0.01",
         f"data.path={data_dir}",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moelab.demo import finished, prepare_data, step
+from moelab.demo import finished, prepare_data, step, trace_commands
 
 CONFIGS = Path("configs/compare")
 RUNS = Path("runs/compare")
@@ -46,20 +46,7 @@ def run_one(name: str, tokens: Path, steps: int | None, n: int) -> Path:
     if fresh:
         return run
     evaluate_run(run, tokens)
-    for argv in (
-        [
-            "trace",
-            str(run),
-            "--data",
-            str(tokens),
-            "--router-probs",
-            "--batch-size",
-            "16",
-            "--out",
-            str(trace),
-        ],
-        ["trace", str(run), "--contextual", "--batch-size", "32", "--out", str(ctx)],
-    ):
+    for argv in trace_commands(run, tokens, trace, ctx):
         step(f"{head}: moelab {argv[0]}", False, argv)
     analyze_run(run)
     return run

@@ -70,6 +70,15 @@ def prepare_data(of: str) -> tuple[Path, Path, Path]:
     return corpus, tok, tokens
 
 
+def trace_commands(run: Path, tokens: Path, trace: Path, ctx: Path) -> list[list[str]]:
+    """`moelab trace` of the validation split (with router probabilities) and of the contextual set."""
+    data = ["trace", str(run), "--data", str(tokens), "--router-probs", "--batch-size", "16"]
+    return [
+        [*data, "--out", str(trace)],
+        ["trace", str(run), "--contextual", "--batch-size", "32", "--out", str(ctx)],
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moelab.demo", description=__doc__)
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (quick tries)")
@@ -111,18 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     step(
         "7/9 trace the routing: validation split and contextual-token set",
         traced,
-        [
-            "trace",
-            str(RUN),
-            "--data",
-            str(tokens),
-            "--router-probs",
-            "--batch-size",
-            "16",
-            "--out",
-            str(trace),
-        ],
-        ["trace", str(RUN), "--contextual", "--batch-size", "32", "--out", str(ctx)],
+        *trace_commands(RUN, tokens, trace, ctx),
     )
     step("8/9 analyze expert specialization", False, ["analyze", str(trace)])
     step("9/9 write the HTML report", False, ["report", str(RUN), "--out", str(report)])
