@@ -92,7 +92,7 @@ def test_summary_row_and_markdown_table_by_hand():
     table = compare.markdown_table([row]).splitlines()
     assert table[0].startswith("| run | active params | val loss | drama loss | MaxVio | domain lift |")
     assert table[2] == (
-        "| olmoe | 3,152,000 | 5.500 | 5.000 | 0.200 (0.200) | 1.50 (1.00) | 0.200 (0.050) | 0.200 (0.200) "
+        "| olmoe | 3,152,000 | 5.500 | 5.000 | 0.200 | 1.50 (1.00) | 0.200 (0.050) | 0.200 (0.200) "
         "| 1.000 (1.000) | 0.500 (0.250) | 0.750 (0.750) | 1,234 (1,234) | – |"
     )
 
@@ -100,11 +100,19 @@ def test_summary_row_and_markdown_table_by_hand():
 def test_tree_max_vio_is_taken_within_each_depth():
     # b = 2, depth 2: experts 0, 1 at depth 1 and 2..5 at depth 2
     load = [0.3, 0.2, 0.2, 0.1, 0.1, 0.1]
-    tree = {"branches": 2, "depth": 2, "paths": [{"top_share": 0.5}, {"top_share": 0.7}]}
+    paths = [{"top_share": 0.5}, {"top_share": 0.7}]
+    tree = {"branches": 2, "depth": 2, "paths_per_token": 2, "paths": paths}
     numbers = compare.routing_numbers(analysis([0, 0], [0, 0], 1.0, [0, 0], load=load, tree=tree))
     depth1, depth2 = 0.3 / 0.25 - 1, 0.2 / 0.125 - 1  # max/mean − 1 within each depth
     assert numbers["max_vio"] == pytest.approx((depth1 + depth2) / 2)  # both layers alike
     assert numbers["tree_top10"] == pytest.approx(0.6)
+    assert numbers["tree_top10_uniform"] == 1.0  # C(4, 2) = 6 leaf pairs: 10 paths cover them all
+    wide = dict(tree, depth=3, paths=paths)  # C(8, 2) = 28 leaf pairs (load: only its length matters)
+    load3 = [0.1] * 14
+    assert (
+        compare.routing_numbers(analysis([0, 0], [0, 0], 1, [0, 0], load3, wide))["tree_top10_uniform"]
+        == 10 / 28
+    )
 
 
 def test_permuted_baseline_keeps_loads_and_sets_and_removes_domain_preference():

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moelab.demo import finished, prepare_data, step, trace_commands
+from moelab.interp.structure import TOP_PATHS
 
 CONFIGS = Path("configs/compare")
 RUNS = Path("runs/compare")
@@ -171,7 +172,13 @@ def routing_numbers(analysis: dict) -> dict:
         "route_entropy": data["paths"]["norm_entropy"],
         "routes_80": data["paths"]["cover_80"],
         "tree_top10": None if not tree else _mean([layer["top_share"] for layer in tree["paths"]]),
+        "tree_top10_uniform": None if not tree else min(1.0, TOP_PATHS / possible_paths(tree)),
     }
+
+
+def possible_paths(tree: dict) -> int:
+    """The distinct sets of top-k leaves a tree token can take: C(b^D, k)."""
+    return math.comb(tree["branches"] ** tree["depth"], tree.get("paths_per_token", 1))
 
 
 def max_vio(data: dict) -> float:
@@ -201,31 +208,32 @@ def _cell(value, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-COLUMNS = (  # (key, header, format): routing metrics, each shown as "value (permuted baseline)"
-    ("max_vio", "MaxVio", ".3f"),
-    ("domain_lift", "domain lift", ".2f"),
-    ("vocab", "vocab spec.", ".3f"),
-    ("tis", "TIS", ".3f"),
-    ("ics", "ICS", ".3f"),
-    ("continuity", "continuity", ".3f"),
-    ("route_entropy", "route entropy", ".3f"),
-    ("routes_80", "routes for 80%", ","),
-    ("tree_top10", "tree: top-10 paths", ".3f"),
+COLUMNS = (  # (key, header, format, baseline): "permuted" = the run's permuted-routes baseline
+    ("domain_lift", "domain lift", ".2f", "permuted"),
+    ("vocab", "vocab spec.", ".3f", "permuted"),
+    ("tis", "TIS", ".3f", "permuted"),
+    ("ics", "ICS", ".3f", "permuted"),
+    ("continuity", "continuity", ".3f", "permuted"),
+    ("route_entropy", "route entropy", ".3f", "permuted"),
+    ("routes_80", "routes for 80%", ",", "permuted"),
+    ("tree_top10", "tree: top-10 paths", ".3f", "tree_top10_uniform"),
 )
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The comparison as a markdown table, one row per run; each routing metric is followed by its
-    permuted-routes baseline in brackets."""
+    """The comparison as a markdown table, one row per run. MaxVio is 0 when balanced; every other routing
+    metric is followed, in brackets, by its random baseline: the run's permuted-routes value (a layer's
+    loads and path counts survive permutation, so the tree's path share is compared with uniform
+    descent, 10 / C(b^D, k), instead)."""
     domains = sorted({d for row in rows for d in row["domain_loss"]})
-    head = ["run", "active params", "val loss"] + [f"{d} loss" for d in domains] + [h for _, h, _ in COLUMNS]
+    head = ["run", "active params", "val loss", *(f"{d} loss" for d in domains), "MaxVio"]
+    head += [h for _, h, _, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["name"], f"{r['active']:,}", _cell(r["loss"])] + [
-            _cell(r["domain_loss"].get(d)) for d in domains
-        ]
-        for key, _, spec in COLUMNS:
-            base = (r.get("random") or {}).get(key)
+        cells = [r["name"], f"{r['active']:,}", _cell(r["loss"])]
+        cells += [_cell(r["domain_loss"].get(d)) for d in domains] + [_cell(r["max_vio"])]
+        for key, _, spec, baseline in COLUMNS:
+            base = (r.get("random") or {}).get(key) if baseline == "permuted" else r.get(baseline)
             cells.append(
                 _cell(r[key], spec) + ("" if base is None or r[key] is None else f" ({_cell(base, spec)})")
             )
