@@ -35,7 +35,7 @@ test: setup lint
 demo: setup
 	$(BIN)/python -m moelab.demo
 
-# the matched architecture comparison (configs/compare/, docs/ARCHITECTURES.md): ~45 min on 2 CPU cores
+# the matched architecture comparison (configs/compare/, docs/ARCHITECTURES.md): ~30 min on 2 CPU cores
 compare: setup
 	$(BIN)/python -m moelab.compare
 
