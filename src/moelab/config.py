@@ -197,6 +197,15 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Where the model runs beyond one device (docs/SCALING.md): expert placement in one process, and
+    data / expert parallelism across the ranks of a torchrun job."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
 class Config:
     """A whole experiment: one section per dataclass above."""
 
@@ -204,6 +213,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -418,7 +428,13 @@ def _positive(section: Any, *names: str) -> None:
             raise ConfigError(f"{prefix}.{name}={value!r} must be a finite number > 0")
 
 
-SECTION_NAMES = {ModelConfig: "model", MoEConfig: "moe", DataConfig: "data", TrainConfig: "train"}
+SECTION_NAMES = {
+    ModelConfig: "model",
+    MoEConfig: "moe",
+    DataConfig: "data",
+    TrainConfig: "train",
+    ParallelConfig: "parallel",
+}
 
 
 def reference_markdown() -> str:
