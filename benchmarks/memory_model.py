@@ -1,0 +1,289 @@
+"""Memory per rank of training a moelab config, and the all-to-all volume of expert parallelism.
+
+A model of what each GPU holds, computed from a config: the model is built on the meta device with
+`moelab.build`, so parameter counts are exact and nothing is allocated. Nothing here is measured.
+
+Model states (moelab trains fp32 parameters under bf16 autocast, with torch.optim.AdamW):
+
+  parameters   4 bytes/param (fp32)
+  gradients    4 bytes/param (gradients have the parameters' dtype)
+  AdamW        8 bytes/param (exp_avg and exp_avg_sq, fp32; the per-tensor `step` scalars are ignored)
+
+P = P_routed + P_rest, where P_routed are the parameters of the routed experts (every `RoutedExperts`
+module) and P_rest everything else (embedding, attention, norms, routers, shared experts, dense MLPs,
+lm_head). A layout says over how many ranks one copy of each part is divided:
+
+  DDP            rest 1, routed 1 (every rank holds everything)
+  FSDP over S    rest S, routed S (parameters, gradients and AdamW states sharded)
+  EP=e + FSDP    rest S (FSDP over S ranks), routed e·f (experts split over e ranks, each expert's
+                 shard FSDP-sharded over the f = W/e expert-data-parallel ranks, or f = 1 if replicated)
+
+Transient (per rank, on top of the sharded states): DDP's gradient buckets, a second fp32 copy of the
+gradients (torch DDP with gradient_as_bucket_view=False, its default); FSDP's unsharded unit: while a
+block runs, its fp32 parameters are all-gathered (this block and the prefetched next: 2 units) and in
+backward its unsharded fp32 gradients exist before the reduce-scatter (1 unit): 3 · 4 bytes · the
+largest unit's gathered parameters (a unit = a block, or the embedding, or the final norm + lm_head;
+a block's routed experts count with 1/e of their parameters under EP, and not at all when they are
+only split over ep ranks, f = 1, since nothing is gathered for them).
+
+Activations, for T = B·N tokens per rank per micro-batch, bf16 autocast (2 bytes), counting the
+tensors autograd keeps for backward, per token:
+
+  attention sub-block   4·D  block input (fp32 residual stream, kept by attn_norm)
+                        2·D  attn_norm output (bf16, the q/k/v projections' input)
+                        2·2·D q, k projections before QK-norm (only with qk_norm)
+                        2·3·D q, k, v after norm and RoPE (SDPA's inputs)
+                        2·D  attention output (o_proj's input); SDPA's N×N scores are not stored
+                             (flash/memory-efficient kernels), its (H,) logsumexp is ignored
+  MLP sub-block         4·D  residual after attention (fp32, kept by mlp_norm)
+                        2·D  mlp_norm output (router / experts / MLP input)
+    MoE layer           8·E  router logits and probabilities (fp32)
+                        2·k·(2·D + 4·I)  per routed copy: gathered input D, gate|up 2I, silu(gate) I,
+                                         silu(gate)·up I, expert output D
+                        2·4·S·I          shared experts (S·I wide): gate|up, silu, product
+    dense layer         2·4·I_dense
+  output                4·D + 2·D  final norm input (fp32) and output; 2·V bf16 logits, 4·V their fp32
+                        copy for the cross-entropy, 4·V its log-softmax
+
+With activation checkpointing (train.activation_checkpointing) each block keeps only its input
+(4·D per token, fp32) and one block's activations exist again while it is recomputed in backward:
+L·4·D·T + the largest block's activations + the output term.
+
+All-to-all of expert parallelism (e ranks, balanced routing): each of the T tokens of a rank sends
+its k routed copies (D values of b bytes each) to the rank holding the chosen expert, which is remote
+with probability (e−1)/e; the expert outputs come back the same way. Forward = dispatch + combine,
+backward = the same two exchanges for the gradients, so per MoE layer and micro-batch each rank sends
+
+  V_layer = 4 · T · k · D · b · (e − 1) / e   bytes   (6 · ... with activation checkpointing, whose
+                                                       recomputed forward exchanges again)
+
+and receives as much; per micro-batch V = L_moe · V_layer.
+
+    python benchmarks/memory_model.py                                  # OLMoE-1B-7B and test-51
+    python benchmarks/memory_model.py configs/tiny-cpu.yaml --tokens 3072
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import moelab  # noqa: E402
+from moelab.moe.experts import RoutedExperts  # noqa: E402
+
+PARAM_BYTES = 4  # fp32 parameters
+GRAD_BYTES = 4  # gradients in the parameters' dtype
+ADAM_BYTES = 8  # two fp32 moments
+ACT_BYTES = 2  # bf16 autocast activations
+FP32 = 4
+GIB = 2**30
+DEFAULT_CONFIGS = ("configs/olmoe-1b-7b.yaml", "configs/research/test-51.yaml")
+DEFAULT_TOKENS = 8192  # tokens per rank per micro-batch (OLMoE: 2 × 4096; test-51: 4 × 2048)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Exact parameter counts of a built model, and the shape numbers the activation formula needs."""
+
+    total: int
+    routed: int  # parameters of all RoutedExperts modules
+    units: tuple[tuple[int, int], ...]  # per FSDP unit: (rest params, routed params)
+    d_model: int  # D
+    vocab: int  # V
+    n_heads: int
+    qk_norm: bool
+    n_experts: int  # E
+    top_k: int  # k
+    d_expert: int  # I
+    n_shared: int  # S
+    d_dense: int
+    n_dense_layers: int
+    n_layers: int  # all blocks, dense + MoE
+
+    @property
+    def rest(self) -> int:
+        return self.total - self.routed
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+
+def routed_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for m in module.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
+
+
+def count(config) -> Counts:
+    """Build `config` on the meta device and count its parameters (no memory is allocated)."""
+    with torch.device("meta"):
+        model = moelab.build(config)
+    total = sum(p.numel() for p in model.parameters())
+    units = []
+    for block in model.blocks:
+        r = routed_params(block)
+        units.append((sum(p.numel() for p in block.parameters()) - r, r))
+    block_params = sum(a + b for a, b in units)
+    units.append((model.embed.weight.numel(), 0))
+    units.append((total - block_params - model.embed.weight.numel(), 0))  # final norm + lm_head
+    mc = config.model
+    return Counts(
+        total=total,
+        routed=routed_params(model),
+        units=tuple(units),
+        d_model=mc.d_model,
+        vocab=mc.vocab_size,
+        n_heads=mc.n_heads,
+        qk_norm=mc.qk_norm,
+        n_experts=mc.n_experts,
+        top_k=mc.top_k,
+        d_expert=mc.d_expert,
+        n_shared=mc.n_shared_experts,
+        d_dense=mc.d_dense,
+        n_dense_layers=mc.n_dense_layers,
+        n_layers=mc.n_total_layers,
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How W ranks hold the model: one copy of the non-expert part is divided over `rest_shard` ranks,
+    one copy of the routed experts over `routed_shard` ranks (= ep · expert FSDP degree)."""
+
+    name: str
+    world: int
+    rest_shard: int
+    routed_shard: int
+    ep: int = 1
+    ddp: bool = False  # DDP keeps gradient buckets (a second gradient copy)
+
+
+def layouts() -> list[Layout]:
+    """The layouts of the table: 1 GPU, one node of 8, two nodes of 8."""
+    return [
+        Layout("1 GPU", 1, 1, 1),
+        Layout("8 GPUs DDP", 8, 1, 1, ddp=True),
+        Layout("8 GPUs FSDP", 8, 8, 8),
+        Layout("8 GPUs EP=8 + FSDP(8) rest", 8, 8, 8, ep=8),
+        Layout("2×8 GPUs FSDP", 16, 16, 16),
+        Layout("2×8 EP=8, experts replicated ×2, FSDP(16) rest", 16, 16, 8, ep=8),
+        Layout("2×8 EP=8, experts FSDP ×2, FSDP(16) rest", 16, 16, 16, ep=8),
+    ]
+
+
+def state_bytes(c: Counts, lay: Layout, per_param: int) -> float:
+    """Bytes per rank of one model state of `per_param` bytes per parameter (params, grads or AdamW)."""
+    return per_param * (c.rest / lay.rest_shard + c.routed / lay.routed_shard)
+
+
+def transient_bytes(c: Counts, lay: Layout) -> float:
+    """DDP: the gradient buckets (4 bytes × parameters). FSDP: 3 unsharded fp32 units (2 gathered
+    parameter units + 1 unsharded gradient unit) of the largest unit; 0 on one rank."""
+    if lay.world == 1:
+        return 0.0
+    if lay.ddp:
+        return GRAD_BYTES * c.total
+    gathered = lay.routed_shard > lay.ep  # experts FSDP-sharded beyond ep are gathered too
+    largest = max(rest + (routed / lay.ep if gathered else 0) for rest, routed in c.units)
+    return 3 * PARAM_BYTES * largest
+
+
+def block_act_bytes(c: Counts, dense: bool) -> int:
+    """Activation bytes per token kept by one block (see the module docstring)."""
+    D, b = c.d_model, ACT_BYTES
+    attn = FP32 * D + b * D + (b * 2 * D if c.qk_norm else 0) + b * 3 * D + b * D
+    mlp = FP32 * D + b * D
+    if dense:
+        mlp += b * 4 * c.d_dense
+    else:
+        mlp += 2 * FP32 * c.n_experts
+        mlp += b * c.top_k * (2 * D + 4 * c.d_expert)
+        mlp += b * 4 * c.n_shared * c.d_expert
+    return attn + mlp
+
+
+def output_act_bytes(c: Counts) -> int:
+    """Per token: final norm input (fp32) and output (bf16), bf16 logits, fp32 logits, fp32 log-softmax."""
+    return FP32 * c.d_model + ACT_BYTES * c.d_model + ACT_BYTES * c.vocab + FP32 * c.vocab + FP32 * c.vocab
+
+
+def activation_bytes(c: Counts, tokens: int, checkpointing: bool) -> int:
+    """Activation bytes per rank for `tokens` tokens per micro-batch."""
+    per_block = [block_act_bytes(c, i < c.n_dense_layers) for i in range(c.n_layers)]
+    out = output_act_bytes(c)
+    if not checkpointing:
+        return tokens * (sum(per_block) + out)
+    return tokens * (c.n_layers * FP32 * c.d_model + max(per_block) + out)
+
+
+def all_to_all_bytes(
+    tokens: int, top_k: int, d_model: int, ep: int, dtype_bytes: int, moe_layers: int = 1, recompute=False
+) -> float:
+    """Bytes each rank sends per micro-batch: (4 or 6) · T · k · D · b · (ep−1)/ep · L_moe."""
+    passes = 6 if recompute else 4
+    return passes * tokens * top_k * d_model * dtype_bytes * (ep - 1) / ep * moe_layers
+
+
+def gib(x: float) -> str:
+    return f"{x / GIB:,.2f}"
+
+
+def report(path: str, tokens: int) -> str:
+    """The markdown table and the all-to-all lines for one config."""
+    config = moelab.load_config(path)
+    c = count(config)
+    act, act_ckpt = activation_bytes(c, tokens, False), activation_bytes(c, tokens, True)
+    lines = [
+        f"### {path}",
+        "",
+        f"- parameters: {c.total:,} total, {c.routed:,} in routed experts, {c.rest:,} other; "
+        f"{c.n_layers} blocks ({c.n_moe_layers} MoE), D={c.d_model}, E={c.n_experts}, k={c.top_k}, "
+        f"I={c.d_expert}, S={c.n_shared}, V={c.vocab}",
+        f"- activations for T = {tokens:,} tokens per rank per micro-batch: {gib(act)} GiB, "
+        f"{gib(act_ckpt)} GiB with activation checkpointing",
+        "",
+        "| layout | params | grads | AdamW | transient | states + transient | + activations "
+        "| + activations (ckpt) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lay in layouts():
+        p, g, o = (state_bytes(c, lay, n) for n in (PARAM_BYTES, GRAD_BYTES, ADAM_BYTES))
+        t = transient_bytes(c, lay)
+        s = p + g + o + t
+        lines.append(
+            f"| {lay.name} | {gib(p)} | {gib(g)} | {gib(o)} | {gib(t)} | {gib(s)} | {gib(s + act)} "
+            f"| {gib(s + act_ckpt)} |"
+        )
+    lines += ["", "All-to-all per rank per micro-batch (bf16, b = 2; sent, and as much received):", ""]
+    for ep in (2, 8, 16):
+        v = all_to_all_bytes(tokens, c.top_k, c.d_model, ep, ACT_BYTES, c.n_moe_layers)
+        v_ckpt = all_to_all_bytes(tokens, c.top_k, c.d_model, ep, ACT_BYTES, c.n_moe_layers, True)
+        lines.append(
+            f"- ep={ep}: 4·{tokens:,}·{c.top_k}·{c.d_model}·2·{ep - 1}/{ep}·{c.n_moe_layers} = "
+            f"{gib(v)} GiB ({gib(v_ckpt)} GiB with activation checkpointing)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("configs", nargs="*", default=list(DEFAULT_CONFIGS))
+    ap.add_argument(
+        "--tokens", type=int, default=DEFAULT_TOKENS, help="tokens per rank per micro-batch (B·N)"
+    )
+    args = ap.parse_args(argv)
+    print("GiB per rank; states = fp32 params + fp32 grads + AdamW (2 fp32 moments); activations bf16.\n")
+    for path in args.configs:
+        print(report(path, args.tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""benchmarks/memory_model.py against hand computations for a tiny config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import moelab
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import memory_model as mm  # noqa: E402
+
+# V, D, heads, I, E, k, shared S, dense width, 1 dense + 2 MoE blocks
+V, D, H, I, E, K, S, ID, L = 64, 16, 2, 8, 4, 2, 1, 32, 3
+OVERRIDES = [
+    f"model.vocab_size={V}",
+    f"model.d_model={D}",
+    f"model.n_heads={H}",
+    f"model.d_expert={I}",
+    f"model.n_experts={E}",
+    f"model.top_k={K}",
+    f"model.n_shared_experts={S}",
+    "model.n_dense_layers=1",
+    f"model.d_dense={ID}",
+    f"model.n_layers={L - 1}",
+    "model.qk_norm=true",
+    "model.eos_token_id=0",
+    "model.pad_token_id=1",
+]
+
+# by hand: attention 4·D² + 4 norms of D per block; dense MLP 3·D·ID; MoE router E·D, routed
+# experts E·3·D·I, shared 3·D·S·I; embedding and lm_head V·D each, final norm D
+ATTN = 4 * D * D + 4 * D
+DENSE_BLOCK = ATTN + 3 * D * ID
+ROUTED_PER_LAYER = E * 3 * D * I
+MOE_REST = ATTN + E * D + 3 * D * S * I
+ROUTED = 2 * ROUTED_PER_LAYER
+TOTAL = 2 * V * D + D + DENSE_BLOCK + 2 * (MOE_REST + ROUTED_PER_LAYER)
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return mm.count(moelab.load_config(None, OVERRIDES))
+
+
+def test_parameter_counts_by_hand(counts):
+    assert (counts.total, counts.routed, counts.rest) == (TOTAL, ROUTED, TOTAL - ROUTED)
+    model = moelab.build(moelab.load_config(None, OVERRIDES))  # a real build agrees with the meta one
+    assert model.count_parameters()["total"] == TOTAL
+    assert counts.units == (
+        (DENSE_BLOCK, 0),
+        (MOE_REST, ROUTED_PER_LAYER),
+        (MOE_REST, ROUTED_PER_LAYER),
+        (V * D, 0),
+        (V * D + D, 0),
+    )
+
+
+def test_state_bytes_by_layout(counts):
+    one, ddp, fsdp, ep8, _, ep8_rep, ep8_fsdp = mm.layouts()
+    rest = TOTAL - ROUTED
+    for per_param in (4, 4, 8):  # params, grads, AdamW
+        assert mm.state_bytes(counts, one, per_param) == per_param * TOTAL
+        assert mm.state_bytes(counts, ddp, per_param) == per_param * TOTAL
+        assert mm.state_bytes(counts, fsdp, per_param) == pytest.approx(per_param * TOTAL / 8)
+        assert mm.state_bytes(counts, ep8, per_param) == pytest.approx(per_param * TOTAL / 8)
+        assert mm.state_bytes(counts, ep8_rep, per_param) == pytest.approx(
+            per_param * (rest / 16 + ROUTED / 8)
+        )
+        assert mm.state_bytes(counts, ep8_fsdp, per_param) == pytest.approx(per_param * TOTAL / 16)
+
+
+def test_transient_bytes(counts):
+    one, ddp, fsdp, ep8, _, ep8_rep, ep8_fsdp = mm.layouts()
+    assert mm.transient_bytes(counts, one) == 0
+    assert mm.transient_bytes(counts, ddp) == 4 * TOTAL
+    largest = max(DENSE_BLOCK, MOE_REST + ROUTED_PER_LAYER, V * D + D)
+    assert mm.transient_bytes(counts, fsdp) == 3 * 4 * largest
+    # experts only split over ep: nothing gathered for them; FSDP over 2 beyond ep: 1/8 gathered
+    assert mm.transient_bytes(counts, ep8) == 3 * 4 * max(DENSE_BLOCK, MOE_REST, V * D + D)
+    assert mm.transient_bytes(counts, ep8_rep) == mm.transient_bytes(counts, ep8)
+    assert mm.transient_bytes(counts, ep8_fsdp) == pytest.approx(
+        3 * 4 * max(DENSE_BLOCK, MOE_REST + ROUTED_PER_LAYER / 8, V * D + D)
+    )
+
+
+def test_activation_formula(counts):
+    T = 100
+    attn = 4 * D + 2 * D + 2 * 2 * D + 2 * 3 * D + 2 * D  # input, normed, pre-QK-norm q,k, q/k/v, output
+    dense = attn + 4 * D + 2 * D + 2 * 4 * ID
+    moe = attn + 4 * D + 2 * D + 8 * E + 2 * K * (2 * D + 4 * I) + 2 * 4 * S * I
+    head = 4 * D + 2 * D + (2 + 4 + 4) * V
+    assert mm.activation_bytes(counts, T, checkpointing=False) == T * (dense + 2 * moe + head)
+    assert mm.activation_bytes(counts, T, checkpointing=True) == T * (L * 4 * D + max(dense, moe) + head)
+
+
+def test_all_to_all_formula():
+    # T=1000 tokens, k=2, D=16, ep=4, bf16, 3 MoE layers: 4 exchanges of 1000·2·16·2 bytes, 3/4 remote
+    assert mm.all_to_all_bytes(1000, 2, 16, 4, 2, 3) == 4 * 1000 * 2 * 16 * 2 * 3 / 4 * 3
+    assert mm.all_to_all_bytes(1000, 2, 16, 4, 2, 3, recompute=True) == 6 * 1000 * 2 * 16 * 2 * 3 / 4 * 3
+    assert mm.all_to_all_bytes(1000, 2, 16, 1, 2, 3) == 0  # one rank: nothing leaves
+
+
+def test_report_runs(counts, capsys):
+    assert mm.main(["configs/tiny-cpu.yaml", "--tokens", "3072"]) == 0
+    out = capsys.readouterr().out
+    assert "5,511,296 total" in out and "| 8 GPUs FSDP |" in out
