@@ -170,6 +170,7 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model (costs 20-30 s to start)
     activation_checkpointing: bool = False  # recompute block activations in backward
+    loss_chunk_tokens: int = 0  # >0: training ce through lm_head this many tokens at a time (no full logits)
     log_every: int = 1  # steps between metrics.jsonl lines
     eval_every: int = 200  # steps between validations (0 = only at the end)
     eval_batches: int = 20  # validation batches (0 = the whole validation split)
@@ -194,6 +195,8 @@ class TrainConfig:
         for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"train.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0 = off)")
 
 
 @dataclass

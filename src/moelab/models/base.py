@@ -4,6 +4,8 @@ Everything downstream (trainer, evaluation, generation, tracing, telemetry, inte
 depends only on this:
 
   model(input_ids, attention_mask=None, labels=None) -> MoEOutput
+                                (out.logits is None only in training mode with labels and
+                                train.loss_chunk_tokens > 0: see MoEOutput)
   model.config                  the Config it was built from
   model.blocks                  nn.ModuleList of the repeated blocks; parallelize() wraps each one
                                 (activation checkpointing, compile) without the model knowing
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.models.layers import KVCache, attention_mask_4d, rope_cos_sin, rope_inv_freq
+from moelab.models.lm_loss import chunked_cross_entropy
 from moelab.moe.experts import RoutedExperts
 from moelab.moe.losses import loss_coefficients, routing_losses, specialization_losses, weighted_loss
 from moelab.moe.routing import RoutingInfo, expert_counts
@@ -35,9 +38,14 @@ from moelab.moe.routing import RoutingInfo, expert_counts
 
 @dataclass
 class MoEOutput:
-    """The output contract every moelab model returns."""
+    """The output contract every moelab model returns.
 
-    logits: torch.Tensor  # (B, N, V)
+    `logits` is None only when the model is in training mode, labels are given and
+    train.loss_chunk_tokens > 0: the loss then comes from the lm_head chunk by chunk (models/lm_loss.py)
+    and the full logits never exist. Evaluation, generation and tracing run in eval mode and get them.
+    """
+
+    logits: torch.Tensor | None  # (B, N, V); None only in training with train.loss_chunk_tokens > 0
     loss: torch.Tensor | None = None  # total training loss (weighted terms), when labels are given
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted named terms (ce, ...)
     routing: list[RoutingInfo] = field(default_factory=list)  # one per MoE layer
@@ -90,17 +98,31 @@ class MoEModel(nn.Module):
         routes differently (e.g. a tree of branch choices) overrides this."""
         return routing_losses(routing, self.cfg.top_k, self.config.moe.load_balance, valid)
 
-    def output(self, input_ids, logits, routing, labels, attention_mask, extra_losses=None) -> MoEOutput:
-        """The output contract from the logits and routing: expert counts of real tokens and, with labels,
-        the unweighted terms (ce, balancing, switched-on specialization regularisers, `extra_losses`
-        of the architecture) and their weighted sum."""
+    def head_output(self, input_ids, hidden, routing, labels, attention_mask, extra_losses=None) -> MoEOutput:
+        """`output` from the final hidden state (B, N, D) through `self.lm_head`: in training with labels
+        and train.loss_chunk_tokens > 0 the ce comes chunk by chunk without the (B·N, V) logits (out.logits
+        is None); otherwise the logits are computed as usual."""
+        chunk = self.config.train.loss_chunk_tokens
+        if labels is None or not self.training or chunk <= 0:
+            return self.output(input_ids, self.lm_head(hidden), routing, labels, attention_mask, extra_losses)
+        ce = chunked_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.reshape(-1), chunk)
+        return self.output(input_ids, None, routing, labels, attention_mask, extra_losses, ce=ce)
+
+    def output(
+        self, input_ids, logits, routing, labels, attention_mask, extra_losses=None, ce=None
+    ) -> MoEOutput:
+        """The output contract from the logits (or, with logits None, an already computed `ce`) and the
+        routing: expert counts of real tokens and, with labels, the unweighted terms (ce, balancing,
+        switched-on specialization regularisers, `extra_losses` of the architecture) and their weighted
+        sum."""
         N = input_ids.shape[1]  # this call's tokens (logits may be cut to fewer positions by a hook)
         valid = attention_mask[:, -N:].reshape(-1) if attention_mask is not None else None  # (T,) real
         out = MoEOutput(
             logits, routing=routing, expert_counts=routing_counts(routing, self.cfg.n_experts, valid)
         )
         if labels is not None:
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1), ignore_index=-100)
+            if ce is None:
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1), ignore_index=-100)
             out.losses = {"ce": ce, **self.balance_losses(routing, valid)}
             out.losses.update(extra_losses or {})
             out.losses.update(specialization_losses(routing, self.router_weights(), self.config, valid))

@@ -361,9 +361,8 @@ class CrossLayer(MoEModel):
         self._attention_other = torch.stack(others).detach() if others else None
         if cache is not None:
             cache.length += input_ids.shape[1]
-        logits = self.lm_head(self.norm(x))  # (B, N, V)
         extra = {"router_offset": self.router_offset_penalty()} if labels is not None else None
-        return self.output(input_ids, logits, routing, labels, attention_mask, extra)
+        return self.head_output(input_ids, self.norm(x), routing, labels, attention_mask, extra)
 
     def new_cache(self, batch: int, max_len: int) -> CrossLayerCache:
         p = self.embed.weight

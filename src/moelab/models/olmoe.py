@@ -135,8 +135,7 @@ class OLMoE(MoEModel):
                 routing.append(r)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        logits = self.lm_head(self.norm(x))  # (B, N, V)
-        return self.output(input_ids, logits, routing, labels, attention_mask)
+        return self.head_output(input_ids, self.norm(x), routing, labels, attention_mask)
 
 
 Model = OLMoE  # the registry builds `Model(config)` from each model file
