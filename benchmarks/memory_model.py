@@ -44,10 +44,13 @@ tensors autograd keeps for backward, per token:
     dense layer         2·4·I_dense
   output                4·D + 2·D  final norm input (fp32) and output; 2·V bf16 logits, 4·V their fp32
                         copy for the cross-entropy, 4·V its log-softmax
+    chunked loss        with train.loss_chunk_tokens = c > 0 (moelab.models.lm_loss) no logits are kept:
+                        per token 4·D + 4·D (norm input, fp32 hidden) + 4 (log-sum-exp), plus one
+                        chunk's 10·c·V bytes (bf16 logits, fp32 logits, fp32 softmax) while it runs
 
 With activation checkpointing (train.activation_checkpointing) each block keeps only its input
 (4·D per token, fp32) and one block's activations exist again while it is recomputed in backward:
-L·4·D·T + the largest block's activations + the output term.
+L·4·D·T + the largest block's activations + the output term (either output term goes with either).
 
 All-to-all of expert parallelism (e ranks, balanced routing): each of the T tokens of a rank sends
 its k routed copies (D values of b bytes each) to the rank holding the chosen expert, which is remote
@@ -87,6 +90,7 @@ FP32 = 4
 GIB = 2**30
 DEFAULT_CONFIGS = ("configs/olmoe-1b-7b.yaml", "configs/research/test-51.yaml")
 DEFAULT_TOKENS = 8192  # tokens per rank per micro-batch (OLMoE: 2 × 4096; test-51: 4 × 2048)
+DEFAULT_LOSS_CHUNK = 1024  # train.loss_chunk_tokens in the last column
 
 
 @dataclass(frozen=True)
@@ -209,18 +213,23 @@ def block_act_bytes(c: Counts, dense: bool) -> int:
     return attn + mlp
 
 
-def output_act_bytes(c: Counts) -> int:
-    """Per token: final norm input (fp32) and output (bf16), bf16 logits, fp32 logits, fp32 log-softmax."""
-    return FP32 * c.d_model + ACT_BYTES * c.d_model + ACT_BYTES * c.vocab + FP32 * c.vocab + FP32 * c.vocab
+def output_act_bytes(c: Counts, tokens: int, loss_chunk: int = 0) -> int:
+    """The output term for `tokens` tokens. Plain: per token the final norm input (fp32) and output
+    (bf16), bf16 logits, fp32 logits, fp32 log-softmax. Chunked (loss_chunk > 0): per token the norm
+    input and the fp32 hidden state and a log-sum-exp, plus one chunk's three (chunk, V) tensors."""
+    D, V = c.d_model, c.vocab
+    if loss_chunk <= 0:
+        return tokens * (FP32 * D + ACT_BYTES * D + (ACT_BYTES + FP32 + FP32) * V)
+    return tokens * (FP32 * D + FP32 * D + FP32) + min(loss_chunk, tokens) * (ACT_BYTES + FP32 + FP32) * V
 
 
-def activation_bytes(c: Counts, tokens: int, checkpointing: bool) -> int:
+def activation_bytes(c: Counts, tokens: int, checkpointing: bool, loss_chunk: int = 0) -> int:
     """Activation bytes per rank for `tokens` tokens per micro-batch."""
     per_block = [block_act_bytes(c, i < c.n_dense_layers) for i in range(c.n_layers)]
-    out = output_act_bytes(c)
+    out = output_act_bytes(c, tokens, loss_chunk)
     if not checkpointing:
-        return tokens * (sum(per_block) + out)
-    return tokens * (c.n_layers * FP32 * c.d_model + max(per_block) + out)
+        return tokens * sum(per_block) + out
+    return tokens * (c.n_layers * FP32 * c.d_model + max(per_block)) + out
 
 
 def all_to_all_bytes(
@@ -235,11 +244,12 @@ def gib(x: float) -> str:
     return f"{x / GIB:,.2f}"
 
 
-def report(path: str, tokens: int) -> str:
+def report(path: str, tokens: int, loss_chunk: int) -> str:
     """The markdown table and the all-to-all lines for one config."""
     config = moelab.load_config(path)
     c = count(config)
     act, act_ckpt = activation_bytes(c, tokens, False), activation_bytes(c, tokens, True)
+    act_chunk = activation_bytes(c, tokens, True, loss_chunk)
     lines = [
         f"### {path}",
         "",
@@ -247,11 +257,12 @@ def report(path: str, tokens: int) -> str:
         f"{c.n_layers} blocks ({c.n_moe_layers} MoE), D={c.d_model}, E={c.n_experts}, k={c.top_k}, "
         f"I={c.d_expert}, S={c.n_shared}, V={c.vocab}",
         f"- activations for T = {tokens:,} tokens per rank per micro-batch: {gib(act)} GiB, "
-        f"{gib(act_ckpt)} GiB with activation checkpointing",
+        f"{gib(act_ckpt)} GiB with activation checkpointing, {gib(act_chunk)} GiB with checkpointing and "
+        f"train.loss_chunk_tokens={loss_chunk}",
         "",
         "| layout | params | grads | AdamW | transient | states + transient | + activations "
-        "| + activations (ckpt) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| + activations (ckpt) | + activations (ckpt, chunked loss) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lay in layouts():
         p, g, o = (state_bytes(c, lay, n) for n in (PARAM_BYTES, GRAD_BYTES, ADAM_BYTES))
@@ -259,7 +270,7 @@ def report(path: str, tokens: int) -> str:
         s = p + g + o + t
         lines.append(
             f"| {lay.name} | {gib(p)} | {gib(g)} | {gib(o)} | {gib(t)} | {gib(s)} | {gib(s + act)} "
-            f"| {gib(s + act_ckpt)} |"
+            f"| {gib(s + act_ckpt)} | {gib(s + act_chunk)} |"
         )
     lines += ["", "All-to-all per rank per micro-batch (bf16, b = 2; sent, and as much received):", ""]
     for ep in (2, 8, 16):
@@ -278,10 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tokens", type=int, default=DEFAULT_TOKENS, help="tokens per rank per micro-batch (B·N)"
     )
+    ap.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=DEFAULT_LOSS_CHUNK,
+        help="train.loss_chunk_tokens for the last column",
+    )
     args = ap.parse_args(argv)
     print("GiB per rank; states = fp32 params + fp32 grads + AdamW (2 fp32 moments); activations bf16.\n")
     for path in args.configs:
-        print(report(path, args.tokens))
+        print(report(path, args.tokens, args.loss_chunk))
     return 0
 
 

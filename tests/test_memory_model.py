@@ -94,6 +94,10 @@ def test_activation_formula(counts):
     head = 4 * D + 2 * D + (2 + 4 + 4) * V
     assert mm.activation_bytes(counts, T, checkpointing=False) == T * (dense + 2 * moe + head)
     assert mm.activation_bytes(counts, T, checkpointing=True) == T * (L * 4 * D + max(dense, moe) + head)
+    # chunked loss, 30 tokens a chunk: norm input, fp32 hidden, log-sum-exp per token + one chunk's logits
+    chunked = T * (4 * D + 4 * D + 4) + 30 * (2 + 4 + 4) * V
+    assert mm.activation_bytes(counts, T, False, loss_chunk=30) == T * (dense + 2 * moe) + chunked
+    assert mm.activation_bytes(counts, T, True, loss_chunk=30) == T * (L * 4 * D + max(dense, moe)) + chunked
 
 
 def test_all_to_all_formula():

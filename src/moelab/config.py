@@ -204,8 +204,13 @@ class ParallelConfig:
     """Where the model runs beyond one device (docs/SCALING.md): expert placement in one process, and
     data / expert parallelism across the ranks of a torchrun job."""
 
+    expert_devices: list[str] = field(default_factory=list)  # expert e on entry e mod len ([] = off)
+
     def validate(self) -> None:
-        pass
+        if self.expert_devices:
+            from moelab.moe.placement import parse_devices
+
+            parse_devices(self.expert_devices)  # one-line ConfigError for a bad entry
 
 
 @dataclass

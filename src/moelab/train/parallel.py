@@ -19,11 +19,15 @@ from torch.utils.checkpoint import checkpoint
 from moelab.config import Config
 from moelab.errors import MoelabError
 from moelab.moe.experts import LocalDispatcher, set_dispatcher
+from moelab.moe.placement import PlacementDispatcher, place_experts
 
 
 def parallelize(model: nn.Module, config: Config) -> nn.Module:
     """Apply dispatcher, activation checkpointing and compile, as `config` asks; returns the model."""
-    set_dispatcher(model, LocalDispatcher(config.moe.dispatch))
+    if place_experts(model, config.parallel.expert_devices):  # one process, experts on their devices
+        set_dispatcher(model, PlacementDispatcher(config.moe.dispatch))  # (moe/placement.py)
+    else:
+        set_dispatcher(model, LocalDispatcher(config.moe.dispatch))
     tc = config.train
     if tc.activation_checkpointing or tc.compile:
         blocks = getattr(model, "blocks", None)
