@@ -63,9 +63,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], chunk):
                 hc = h[s : s + chunk]  # (c, D)
                 # d ce / d logits = softmax - onehot(label), recomputed from the saved log-sum-exp
-                g = torch.exp((hc @ w.T).float() - lse[s : s + chunk, None])  # (c, V) fp32
+                g = (hc @ w.T).float()  # (c, V) fp32; in place from here: one (c, V) buffer
+                g.sub_(lse[s : s + chunk, None]).exp_()
                 g[torch.arange(g.shape[0], device=g.device), safe[s : s + chunk]] -= 1.0
-                g = (g * scale[s : s + chunk, None]).to(ctx.dtype)  # (c, V) as the plain path's cast
+                g = g.mul_(scale[s : s + chunk, None]).to(ctx.dtype)  # (c, V) as the plain path's cast
                 if need_h:
                     grad_h[s : s + chunk] = g @ w
                 if need_w:
