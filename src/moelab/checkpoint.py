@@ -23,10 +23,15 @@ from moelab.models import ARCHITECTURES, build
 WEIGHTS, CONFIG, TOKENIZER, MODEL_FILE = "model.safetensors", "config.yaml", "tokenizer.json", "model.py"
 
 
-def write_model(directory: Path, model: torch.nn.Module, config: Config | None = None) -> None:
-    """Write weights, config (and the model file of a user architecture) into an existing directory."""
+def write_model(
+    directory: Path, model: torch.nn.Module, config: Config | None = None, state: dict | None = None
+) -> None:
+    """Write weights, config (and the model file of a user architecture) into an existing directory.
+
+    state: the whole state dict of a model sharded across ranks (train/distributed.py gathers it);
+    None = the model's own."""
     config = config or model.config
-    state = weights_to_save(model)
+    state = weights_to_save(model, state)
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "moelab": "1"})
     if config.model.arch not in ARCHITECTURES:  # an experiment's own model file travels with it
         source = Path(sys.modules[type(model).__module__].__file__)  # the file the model was built from
@@ -35,12 +40,13 @@ def write_model(directory: Path, model: torch.nn.Module, config: Config | None =
     save_config(config, directory / CONFIG)
 
 
-def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def weights_to_save(model: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
     """The state dict as contiguous CPU tensors. A module shared by several layers (e.g. one router
     for all layers) appears under each of its names; safetensors refuses aliased tensors, so every
     name after the first gets its own copy (loading assigns the same values to the one module)."""
+    tensors = model.state_dict() if state is None else state
     state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         t = tensor.detach().contiguous().cpu()
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         state[name] = t.clone() if key in seen else t

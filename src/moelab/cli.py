@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train with N processes on this machine (launches torchrun; see parallel: in the config)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = _add(
@@ -174,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches it
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args) or 0
@@ -255,17 +263,50 @@ def cmd_generate(args) -> None:
         print(text if text is not None else ",".join(map(str, prompt + ids)))
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int | None:
+    import os
+
+    if args.nproc:
+        return _launch_torchrun(args.nproc, args.argv)
+    from moelab.train.distributed import shutdown
     from moelab.train.trainer import prepare_run, train
 
     config, run_dir = prepare_run(args.config, args.overrides, args.out, args.resume)
-    print(f"run directory: {run_dir}")
-    record = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        print(f"run directory: {run_dir}")
+    try:
+        record = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    finally:
+        shutdown()
+    if not main_rank:
+        return None
     if record.get("stopped"):
         print(f"stopped by {record['stopped']} at step {record['step']}; checkpoint {record['checkpoint']}")
         print(f"resume with: moelab train {run_dir / 'config.yaml'} --out {run_dir} --resume")
     else:
         print(f"done: {run_dir} (metrics.jsonl, checkpoints/)")
+
+
+def _launch_torchrun(nproc: int, command: list[str]) -> int:
+    """Run this same `moelab train` command (without --nproc) as N processes of a torchrun job."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        raise MoelabError(f"--nproc {nproc} must be >= 1")
+    if "WORLD_SIZE" in os.environ:
+        raise MoelabError("--nproc launches torchrun; inside a torchrun job leave it out")
+    argv, skip = [], False
+    for a in command:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.call([*launch, "-m", "moelab.cli", *argv])
 
 
 def cmd_eval(args) -> None:

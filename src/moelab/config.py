@@ -121,6 +121,9 @@ class MoEConfig:
     expert_output_orthogonality_coef: float = 0.0  # >0: losses["expert_output_orthogonality"], ‖C − I‖_F / k
     expert_output_norm: Literal["none", "learned", "frozen"] = "none"  # RMSNorm of each expert's output
     expert_size_penalty: float = 0.0  # >0: losses["expert_size"], Σ_e p_e · I_e / d_expert per token
+    # global_batch: the load-balance fractions f count the tokens of every data-parallel rank's micro-batch
+    # (all-reduced, detached; P stays local), so N ranks give one process's loss (docs/TRAINING.md)
+    load_balance_scope: Literal["micro_batch", "global_batch"] = "micro_batch"  # f from one or all ranks
 
     def validate(self) -> None:
         names = ("load_balance_coef", "z_loss_coef", "lflb_rate", "lflb_bias_clamp")
@@ -151,7 +154,7 @@ class TrainConfig:
     """Optimisation, schedule, precision, logging and checkpointing of `moelab train`."""
 
     steps: int = 1000  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch (per process)
+    batch_size: int = 8  # sequences per micro-batch over all ranks (each rank takes batch_size / world size)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 4e-4  # peak learning rate
     min_lr: float = 4e-5  # end of the cosine decay, held afterwards
@@ -204,13 +207,20 @@ class ParallelConfig:
     """Where the model runs beyond one device (docs/SCALING.md): expert placement in one process, and
     data / expert parallelism across the ranks of a torchrun job."""
 
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"  # non-expert weights: ddp replicas, or fsdp (FSDP2) shards
+    ep: int = 1  # expert-parallel degree: routed experts split across groups of ep ranks
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
     expert_devices: list[str] = field(default_factory=list)  # expert e on entry e mod len ([] = off)
 
     def validate(self) -> None:
+        if self.ep < 1:
+            raise ConfigError(f"parallel.ep={self.ep} must be >= 1")
         if self.expert_devices:
             from moelab.moe.placement import parse_devices
 
             parse_devices(self.expert_devices)  # one-line ConfigError for a bad entry
+            if self.ep > 1:
+                raise ConfigError("parallel.expert_devices (one process) cannot be used with parallel.ep > 1")
 
 
 @dataclass
@@ -232,6 +242,11 @@ class Config:
             raise ConfigError(
                 f"moe.topk_gap_coef > 0 needs model.top_k < model.n_experts (the gap p_(k) − p_(k+1)); "
                 f"got top_k={self.model.top_k}, n_experts={self.model.n_experts}"
+            )
+        if self.model.n_experts % self.parallel.ep:
+            raise ConfigError(
+                f"parallel.ep={self.parallel.ep} must divide model.n_experts={self.model.n_experts} "
+                f"(each expert-parallel rank holds n_experts / ep whole experts)"
             )
         return self
 

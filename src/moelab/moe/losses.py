@@ -8,11 +8,20 @@ load_balance_loss, two conventions (both are Switch-Transformer style: E · Σ_e
 router_z_loss: mean over tokens of logsumexp(logits)², averaged over layers.
 The top-k used for f is re-derived from the unbiased logits, so the bias of loss-free balancing
 does not enter these losses.
+
+Balancing scope (`moe.load_balance_scope`): micro_batch takes f and P from the tokens this process sees
+in one micro-batch. global_batch (training with several ranks) counts f over the micro-batch of every
+data-parallel rank: inside `global_balance(reduce)` the (L, E) assignment counts and the token count
+are summed over ranks (detached) before f is formed, while P stays this rank's. Averaged over the ranks
+(as their gradients are), E · Σ_e f_e · P_e is then exactly the loss one process computes on the union
+of the ranks' micro-batches. Outside the context (evaluation, one process) nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -25,10 +34,26 @@ def _valid_weights(n_tokens: int, valid: torch.Tensor | None, device: torch.devi
     return valid.reshape(-1).to(device=device, dtype=torch.float32)  # (T,)
 
 
+# ((L, E) counts, () token count) -> both summed over the data-parallel ranks; set by global_balance
+_count_reducer: Callable | None = None
+
+
+@contextlib.contextmanager
+def global_balance(reduce: Callable | None):
+    """Within the block, load_balance_loss takes f from counts passed through `reduce` (None: local)."""
+    global _count_reducer
+    previous, _count_reducer = _count_reducer, reduce
+    try:
+        yield
+    finally:
+        _count_reducer = previous
+
+
 def load_balance_loss(
     router_logits: list[torch.Tensor], top_k: int, valid: torch.Tensor | None = None, kind: str = "per_layer"
 ) -> torch.Tensor:
-    """router_logits: one (T, E) tensor per MoE layer; valid: (T,) mask of real tokens or None."""
+    """router_logits: one (T, E) tensor per MoE layer; valid: (T,) mask of real tokens or None.
+    Inside `global_balance`, f counts the tokens of every rank (see the module docstring)."""
     n_experts = router_logits[0].shape[-1]
     w = _valid_weights(router_logits[0].shape[0], valid, router_logits[0].device)
     n_valid = w.sum().clamp(min=1)
@@ -39,12 +64,16 @@ def load_balance_loss(
         f_all.append(expert_counts(topk_ids, n_experts, w))  # (E,) assignments
         p_all.append((probs * w[:, None]).sum(dim=0))  # (E,) summed probabilities
     f, p = torch.stack(f_all), torch.stack(p_all)  # (L, E)
+    n_f = n_valid  # the tokens f is counted over
+    if _count_reducer is not None:
+        f, n_f = _count_reducer(f, n_valid)  # (L, E), (): over all ranks
+        n_f = n_f.clamp(min=1)
     if kind == "per_layer":
-        per_layer = n_experts * ((f / (n_valid * top_k)) * (p / n_valid)).sum(dim=-1)  # (L,)
+        per_layer = n_experts * ((f / (n_f * top_k)) * (p / n_valid)).sum(dim=-1)  # (L,)
         return per_layer.mean()
     if kind == "hf_concat":
-        rows = n_valid * len(router_logits)
-        return n_experts * ((f.sum(0) / rows) * (p.sum(0) / rows)).sum()
+        layers = len(router_logits)
+        return n_experts * ((f.sum(0) / (n_f * layers)) * (p.sum(0) / (n_valid * layers))).sum()
     raise ValueError(f"unknown load-balance convention {kind!r}")
 
 

@@ -2,6 +2,8 @@
 
 train_state.pt holds what exact resume needs: optimizer state, step, tokens seen, the loader's
 cursor and every RNG state. The balancing biases are buffers, so they are in model.safetensors.
+A run on several ranks saves the same files from rank 0, with every tensor whole (expert and FSDP2
+shards gathered; optimizer moments too), so any world size and `moelab.load` read it.
 Directories are written atomically; `latest` is a small text file naming the newest one; only the
 newest `keep_last` are kept.
 """
@@ -46,12 +48,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_checkpoint(
-    run_dir: Path, step: int, model, config, train_state: dict, tokenizer: Path | None, keep_last: int
+    run_dir: Path,
+    step: int,
+    model,
+    config,
+    train_state: dict,
+    tokenizer: Path | None,
+    keep_last: int,
+    weights: dict | None = None,
 ) -> Path:
+    """weights: the whole state dict when the model is sharded across ranks (None: the model's own)."""
     ckpt_root = run_dir / "checkpoints"
     out = ckpt_root / f"step-{step:07d}"
     with atomic_dir(out) as tmp:
-        write_model(tmp, model, config)
+        write_model(tmp, model, config, weights)
         if tokenizer is not None and tokenizer.is_file():
             copy_tokenizer(tokenizer, tmp)
         torch.save(train_state, tmp / STATE)

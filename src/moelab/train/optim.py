@@ -42,19 +42,33 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def clip_grad_groups(model: nn.Module, clip_experts: float, clip_rest: float) -> torch.Tensor:
-    """Clip routed-expert and other gradients separately. Returns (3,) norms: total, experts, rest."""
+def clip_grad_groups(
+    model: nn.Module, clip_experts: float, clip_rest: float, expert_group=False
+) -> torch.Tensor:
+    """Clip routed-expert and other gradients separately. Returns (3,) norms: total, experts, rest.
+
+    expert_group: under expert parallelism, the process group over which the routed-expert gradients
+    are sharded (each rank holds E/ep experts): their squared norms are summed across it, so every rank
+    clips by the norm of the whole expert gradient. False: the experts are whole here. FSDP2 (DTensor)
+    gradients give their full norm by themselves."""
     experts, rest = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
             (experts if is_routed_expert(name) else rest).append(p)
     norms = []
-    for params, max_norm in ((experts, clip_experts), (rest, clip_rest)):
+    for params, max_norm, group in ((experts, clip_experts, expert_group), (rest, clip_rest, False)):
         if not params:
             norms.append(torch.zeros((), device=next(model.parameters()).device))
-        elif max_norm > 0:
-            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        else:
-            norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            continue
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # a DTensor norm (FSDP2): its full value
+            norm = norm.full_tensor()
+        if group is not False:
+            square = norm.float().square()
+            torch.distributed.all_reduce(square, group=group)  # sum over the expert shards
+            norm = square.sqrt()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        norms.append(norm)
     e, r = norms[0].float(), norms[1].float()
     return torch.stack([torch.sqrt(e * e + r * r), e, r])

@@ -4,6 +4,11 @@ One optimizer step = `grad_accum` micro-batches. After the step, the loss-free b
 move from the expert counts summed over those micro-batches (padding excluded). The numbers a
 step needs (loss terms, gradient norms, finiteness) come back in one host transfer; a logged step
 adds one more for all per-layer telemetry, so there are no per-expert host syncs.
+
+Under torchrun (train/distributed.py) every rank takes batch_size / world_size sequences of each
+micro-batch; after the micro-batches the gradients are averaged once, and one all-reduce carries the
+step's loss terms, expert counts and stop flag (so the biases stay identical and a signal on any rank
+stops all of them at the same step). Rank 0 alone logs and writes checkpoints of the gathered state.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from moelab.data.loader import PackedLoader, TokenDataset
 from moelab.data.tokenizer import load_tokenizer
 from moelab.errors import MoelabError
 from moelab.models import build
-from moelab.moe.losses import loss_coefficients, weighted_loss
+from moelab.moe.losses import global_balance, loss_coefficients, weighted_loss
 from moelab.train.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -32,6 +37,16 @@ from moelab.train.checkpoint import (
     set_rng_state,
 )
 from moelab.train.device import autocast_for, resolve_device
+from moelab.train.distributed import (
+    all_reduce_sum,
+    average_gradients,
+    balance_count_reducer,
+    barrier,
+    full_optimizer_state,
+    full_state_dict,
+    init_distributed,
+    shard_optimizer_state,
+)
 from moelab.train.evaluate import evaluate, make_val_loader
 from moelab.train.loggers import Loggers
 from moelab.train.optim import build_optimizer, clip_grad_groups, lr_at
@@ -106,6 +121,7 @@ def prepare_run(config_path: str | Path, overrides: list[str], out: Path | None,
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
     """Train; return the final metrics record. Stops early (after saving) on SIGINT/SIGTERM."""
     tc, dc = config.train, config.data
+    d = init_distributed(config)  # Dist() (nothing to reduce) without torchrun
     device = resolve_device(tc)
     torch.manual_seed(tc.seed)
 
@@ -121,23 +137,25 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             f"{dc.path} separates documents with eos id {train_data.eos_id} but model.eos_token_id is "
             f"{config.model.eos_token_id}; pass --set model.eos_token_id={train_data.eos_id}"
         )
-    loader = PackedLoader(train_data, dc.seq_len, tc.batch_size, seed=tc.seed)
+    per_rank = tc.batch_size // d.world_size  # init_distributed checked divisibility
+    loader = PackedLoader(train_data, dc.seq_len, per_rank, tc.seed, rank=d.rank, world_size=d.world_size)
     val_loader = make_val_loader(config, train_data.metadata["splits"])
 
-    model = parallelize(build(config).to(device), config)  # dispatcher, checkpointing, compile
+    model = build(config).to(device)
     step, tokens_seen, nonfinite_streak = 0, 0, 0
     state = None
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise MoelabError(f"--resume: no checkpoint in {run_dir}/checkpoints")
-        state = load_training_checkpoint(ckpt, model, device)  # replaces the parameter tensors
+        state = load_training_checkpoint(ckpt, model, device)  # the whole model, before any sharding
+    model = parallelize(model, config, d)  # dispatcher, checkpointing, compile, data parallelism
     optimizer = build_optimizer(model, tc, device)  # so the optimizer is built after loading
     if state is not None:
         if (ckpt / TOKENIZER).is_file():
             train_data.check_tokenizer(load_tokenizer(ckpt / TOKENIZER).hash)
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer, model, d))
         except ValueError as e:
             raise MoelabError(
                 f"{ckpt}: optimizer state does not fit this config ({e}); keep train.no_decay"
@@ -147,8 +165,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         step, tokens_seen = state["step"], state["tokens_seen"]
         nonfinite_streak = state.get("nonfinite_streak", 0)
         log.info("resumed from %s at step %d", ckpt, step)
-    save_config(config, run_dir / "config.yaml")  # only now: a resume with bad overrides changes nothing
-    loggers = Loggers(run_dir, config, resume_step=step if resume else None)
+    if d.is_main:  # only now: a resume with bad overrides changes nothing
+        save_config(config, run_dir / "config.yaml")
+    loggers = Loggers(run_dir, config, resume_step=step if resume else None) if d.is_main else _Silent()
     counts = model.count_parameters()
     peak = next(
         (v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0
@@ -158,18 +177,29 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     )
 
     def checkpoint(at_step: int) -> Path:
+        """Rank 0 writes the whole model and optimizer state, gathered from every rank (a collective)."""
+        weights = full_state_dict(model, d) if d.active else None
         state = {
             "step": at_step,
             "tokens_seen": tokens_seen,
-            "optimizer": optimizer.state_dict(),
-            "loader": loader.state_dict(),
+            "optimizer": full_optimizer_state(optimizer, model, d),
+            "loader": loader.state_dict(),  # the cursor counts every rank's windows
             "rng": rng_state(),
             "nonfinite_streak": nonfinite_streak,
         }
-        return save_training_checkpoint(run_dir, at_step, model, config, state, tokenizer_file, tc.keep_last)
+        path = run_dir / "checkpoints" / f"step-{at_step:07d}"
+        if d.is_main:
+            path = save_training_checkpoint(
+                run_dir, at_step, model, config, state, tokenizer_file, tc.keep_last, weights
+            )
+        barrier(d)  # no rank moves on (or exits) before the checkpoint is complete
+        return path
 
     width_groups = WidthGroups.of(model, device)  # None unless expert widths differ
-    bar = _progress(tc.steps, step, progress)
+    bar = _progress(tc.steps, step, progress and d.is_main)
+    global_scope = d.active and config.moe.load_balance_scope == "global_batch"
+    balance = balance_count_reducer(d) if global_scope else None
+    expert_group = d.ep_group if d.ep > 1 else False
     record: dict = {}
     model.train()
     with contextlib.ExitStack() as cleanup, _SignalGuard() as stop:
@@ -187,7 +217,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 batch = next(loader)
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
                 labels = batch["labels"].to(device, non_blocking=True)
-                with autocast_for(tc, device):
+                with autocast_for(tc, device), global_balance(balance):
                     out = model(input_ids, labels=labels)
                 loss = weighted_loss(out.losses, coefs)
                 (loss / tc.grad_accum).backward()
@@ -203,10 +233,20 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                         state_rms = (
                             rms / tc.grad_accum if state_rms is None else state_rms + rms / tc.grad_accum
                         )
-            grad_norms = clip_grad_groups(model, tc.clip_experts, tc.clip_rest)
+            if d.active:  # gradients: the mean over ranks; terms and counts: summed, with the stop flag
+                average_gradients(model, d)
+                flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=sums.device)
+                reduced = all_reduce_sum(torch.cat([sums, step_counts.float().flatten(), flag]), d)
+                sums = reduced[: sums.numel()] / d.world_size
+                step_counts = reduced[sums.numel() : -1].view(step_counts.shape)
+                n_tokens *= d.world_size
+            grad_norms = clip_grad_groups(model, tc.clip_experts, tc.clip_rest, expert_group)
             finite = torch.isfinite(sums).all() & torch.isfinite(grad_norms).all()
             # one host transfer for the scalars every step needs (loss, norms, finiteness)
-            packed = torch.cat([sums / tc.grad_accum, grad_norms, finite.float()[None]]).tolist()
+            tail = [finite.float()[None], reduced[-1:]] if d.active else [finite.float()[None]]
+            packed = torch.cat([sums / tc.grad_accum, grad_norms, *tail]).tolist()
+            if d.active and packed.pop() > 0 and stop.signal_name is None:  # another rank was signalled
+                stop.signal_name = "SIGTERM"
             finite = packed[-1] == 1.0
             if finite:
                 optimizer.step()
@@ -298,11 +338,23 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                     return {"stopped": stop.signal_name, "step": step, "checkpoint": str(path)}
             # validation after the checkpoint, so a failing evaluation never costs the saved state
             if val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last_step):
+                # every rank evaluates the same batches (expert parallelism needs all of them); rank 0 logs
                 val = evaluate(model, val_loader, tc.eval_batches, device, autocast_for(tc, device))
                 model.train()
                 loggers.log({"type": "val", "step": step, **val})
-                bar.write(f"step {step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.1f})")
+                if d.is_main:
+                    bar.write(f"step {step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.1f})")
     return record
+
+
+class _Silent:
+    """The loggers of ranks other than 0."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _progress(total: int, start: int, enabled: bool):
