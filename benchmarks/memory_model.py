@@ -11,20 +11,29 @@ Model states (moelab trains fp32 parameters under bf16 autocast, with torch.opti
 
 P = P_routed + P_rest, where P_routed are the parameters of the routed experts (every `RoutedExperts`
 module) and P_rest everything else (embedding, attention, norms, routers, shared experts, dense MLPs,
-lm_head). A layout says over how many ranks one copy of each part is divided:
+lm_head). A layout of W ranks says over how many ranks one copy of each part is divided, and which
+`moelab train` settings give it (parallel.data_parallel, parallel.ep; `--nproc` / torchrun for W):
 
-  DDP            rest 1, routed 1 (every rank holds everything)
-  FSDP over S    rest S, routed S (parameters, gradients and AdamW states sharded)
-  EP=e + FSDP    rest S (FSDP over S ranks), routed e·f (experts split over e ranks, each expert's
-                 shard FSDP-sharded over the f = W/e expert-data-parallel ranks, or f = 1 if replicated)
+  ddp            rest 1, routed 1: every rank holds everything
+  fsdp           rest W, routed W: parameters, gradients and AdamW states sharded by FSDP2
+  ep=e, ddp      rest 1, routed e: each rank holds E/e experts of every MoE layer; the W/e ranks
+                 holding the same experts average their gradients like the rest
+  ep=e + FSDP    rest W, routed e·f (the experts' shards also FSDP-sharded over f = W/e ranks): a
+                 layout moelab does not run (parallel.data_parallel=fsdp refuses ep > 1), shown for scale
 
-Transient (per rank, on top of the sharded states): DDP's gradient buckets, a second fp32 copy of the
-gradients (torch DDP with gradient_as_bucket_view=False, its default); FSDP's unsharded unit: while a
-block runs, its fp32 parameters are all-gathered (this block and the prefetched next: 2 units) and in
-backward its unsharded fp32 gradients exist before the reduce-scatter (1 unit): 3 · 4 bytes · the
-largest unit's gathered parameters (a unit = a block, or the embedding, or the final norm + lm_head;
-a block's routed experts count with 1/e of their parameters under EP, and not at all when they are
-only split over ep ranks, f = 1, since nothing is gathered for them).
+Transient (per rank, on top of the sharded states). ddp: moelab averages the gradients once per
+optimizer step with one flat all-reduce per group (train/distributed.py), so a flat fp32 copy of the
+largest group exists meanwhile: the gradients of everything (ep=1), else max(rest, E/e experts when
+W > e). fsdp: while a block runs its fp32 parameters are all-gathered (this unit and the prefetched
+next: 2 units) and in backward its unsharded fp32 gradients exist before the reduce-scatter (1 unit):
+3 · 4 bytes · the largest unit's gathered parameters (a unit = a block, or the root: embedding, final
+norm and lm_head; a block's routed experts count with 1/e of their parameters when FSDP-sharded
+beyond ep, and not at all when they are only split over ep ranks).
+
+Checkpoint save (several ranks): every rank gathers the whole parameters and the whole AdamW moments
+on its device before rank 0 writes them (train/distributed.py: full_state_dict, full_optimizer_state),
+all alive at once: 12 bytes · P per rank, less what the rank already holds whole (replicated tensors
+are not copied). The last column is the peak of a save step: states + this (activations are freed).
 
 Activations, for T = B·N tokens per rank per micro-batch, bf16 autocast (2 bytes), counting the
 tensors autograd keeps for backward, per token:
@@ -135,8 +144,7 @@ def count(config) -> Counts:
         r = routed_params(block)
         units.append((sum(p.numel() for p in block.parameters()) - r, r))
     block_params = sum(a + b for a, b in units)
-    units.append((model.embed.weight.numel(), 0))
-    units.append((total - block_params - model.embed.weight.numel(), 0))  # final norm + lm_head
+    units.append((total - block_params, 0))  # the root: embedding, final norm, lm_head
     mc = config.model
     return Counts(
         total=total,
@@ -166,19 +174,21 @@ class Layout:
     rest_shard: int
     routed_shard: int
     ep: int = 1
-    ddp: bool = False  # DDP keeps gradient buckets (a second gradient copy)
+    ddp: bool = False  # gradients averaged by a flat all-reduce (a flat copy while it runs)
+    runs: bool = True  # a layout `moelab train` runs (False: shown for scale only)
 
 
 def layouts() -> list[Layout]:
     """The layouts of the table: 1 GPU, one node of 8, two nodes of 8."""
     return [
         Layout("1 GPU", 1, 1, 1),
-        Layout("8 GPUs DDP", 8, 1, 1, ddp=True),
-        Layout("8 GPUs FSDP", 8, 8, 8),
-        Layout("8 GPUs EP=8 + FSDP(8) rest", 8, 8, 8, ep=8),
-        Layout("2×8 GPUs FSDP", 16, 16, 16),
-        Layout("2×8 EP=8, experts replicated ×2, FSDP(16) rest", 16, 16, 8, ep=8),
-        Layout("2×8 EP=8, experts FSDP ×2, FSDP(16) rest", 16, 16, 16, ep=8),
+        Layout("8 GPUs, ddp", 8, 1, 1, ddp=True),
+        Layout("8 GPUs, fsdp", 8, 8, 8),
+        Layout("8 GPUs, ep=8, ddp", 8, 1, 8, ep=8, ddp=True),
+        Layout("8 GPUs, ep=8 + FSDP(8) rest", 8, 8, 8, ep=8, runs=False),
+        Layout("2×8 GPUs, fsdp", 16, 16, 16),
+        Layout("2×8 GPUs, ep=8, ddp", 16, 1, 8, ep=8, ddp=True),
+        Layout("2×8 GPUs, ep=8 + FSDP(16) rest, experts FSDP ×2", 16, 16, 16, ep=8, runs=False),
     ]
 
 
@@ -188,15 +198,26 @@ def state_bytes(c: Counts, lay: Layout, per_param: int) -> float:
 
 
 def transient_bytes(c: Counts, lay: Layout) -> float:
-    """DDP: the gradient buckets (4 bytes × parameters). FSDP: 3 unsharded fp32 units (2 gathered
-    parameter units + 1 unsharded gradient unit) of the largest unit; 0 on one rank."""
+    """ddp: the flat gradient copy of the largest all-reduce group. FSDP: 3 unsharded fp32 units (2
+    gathered parameter units + 1 unsharded gradient unit) of the largest unit; 0 on one rank."""
     if lay.world == 1:
         return 0.0
     if lay.ddp:
-        return GRAD_BYTES * c.total
+        if lay.ep == 1:
+            return GRAD_BYTES * c.total
+        return GRAD_BYTES * max(c.rest, c.routed / lay.ep if lay.world > lay.ep else 0)
     gathered = lay.routed_shard > lay.ep  # experts FSDP-sharded beyond ep are gathered too
     largest = max(rest + (routed / lay.ep if gathered else 0) for rest, routed in c.units)
     return 3 * PARAM_BYTES * largest
+
+
+def checkpoint_gather_bytes(c: Counts, lay: Layout) -> float:
+    """Extra bytes per rank while a checkpoint is saved: whole parameters and AdamW moments (12 bytes
+    per parameter) minus the rank's own unsharded ones; 0 on one rank (nothing is gathered)."""
+    if lay.world == 1:
+        return 0.0
+    whole = (c.rest if lay.rest_shard == 1 else 0) + (c.routed if lay.routed_shard == 1 else 0)
+    return (PARAM_BYTES + ADAM_BYTES) * (c.total - whole)
 
 
 def block_act_bytes(c: Counts, dense: bool) -> int:
@@ -261,16 +282,18 @@ def report(path: str, tokens: int, loss_chunk: int) -> str:
         f"train.loss_chunk_tokens={loss_chunk}",
         "",
         "| layout | params | grads | AdamW | transient | states + transient | + activations "
-        "| + activations (ckpt) | + activations (ckpt, chunked loss) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| + activations (ckpt) | + activations (ckpt, chunked loss) | checkpoint save |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lay in layouts():
         p, g, o = (state_bytes(c, lay, n) for n in (PARAM_BYTES, GRAD_BYTES, ADAM_BYTES))
         t = transient_bytes(c, lay)
         s = p + g + o + t
+        save = p + g + o + checkpoint_gather_bytes(c, lay)
+        name = lay.name if lay.runs else f"{lay.name} (not in moelab)"
         lines.append(
-            f"| {lay.name} | {gib(p)} | {gib(g)} | {gib(o)} | {gib(t)} | {gib(s)} | {gib(s + act)} "
-            f"| {gib(s + act_ckpt)} | {gib(s + act_chunk)} |"
+            f"| {name} | {gib(p)} | {gib(g)} | {gib(o)} | {gib(t)} | {gib(s)} | {gib(s + act)} "
+            f"| {gib(s + act_ckpt)} | {gib(s + act_chunk)} | {gib(save)} |"
         )
     lines += ["", "All-to-all per rank per micro-batch (bf16, b = 2; sent, and as much received):", ""]
     for ep in (2, 8, 16):

@@ -53,37 +53,52 @@ def test_parameter_counts_by_hand(counts):
         (DENSE_BLOCK, 0),
         (MOE_REST, ROUTED_PER_LAYER),
         (MOE_REST, ROUTED_PER_LAYER),
-        (V * D, 0),
-        (V * D + D, 0),
+        (2 * V * D + D, 0),  # the root unit: embedding, final norm, lm_head
     )
 
 
 def test_state_bytes_by_layout(counts):
-    one, ddp, fsdp, ep8, _, ep8_rep, ep8_fsdp = mm.layouts()
+    one, ddp, fsdp, ep8, ep8_fsdp, fsdp16, ep8_16, ep8_fsdp16 = mm.layouts()
     rest = TOTAL - ROUTED
     for per_param in (4, 4, 8):  # params, grads, AdamW
         assert mm.state_bytes(counts, one, per_param) == per_param * TOTAL
         assert mm.state_bytes(counts, ddp, per_param) == per_param * TOTAL
         assert mm.state_bytes(counts, fsdp, per_param) == pytest.approx(per_param * TOTAL / 8)
-        assert mm.state_bytes(counts, ep8, per_param) == pytest.approx(per_param * TOTAL / 8)
-        assert mm.state_bytes(counts, ep8_rep, per_param) == pytest.approx(
-            per_param * (rest / 16 + ROUTED / 8)
-        )
-        assert mm.state_bytes(counts, ep8_fsdp, per_param) == pytest.approx(per_param * TOTAL / 16)
+        assert mm.state_bytes(counts, ep8, per_param) == pytest.approx(per_param * (rest + ROUTED / 8))
+        assert mm.state_bytes(counts, ep8_fsdp, per_param) == pytest.approx(per_param * TOTAL / 8)
+        assert mm.state_bytes(counts, fsdp16, per_param) == pytest.approx(per_param * TOTAL / 16)
+        assert mm.state_bytes(counts, ep8_16, per_param) == pytest.approx(per_param * (rest + ROUTED / 8))
+        assert mm.state_bytes(counts, ep8_fsdp16, per_param) == pytest.approx(per_param * TOTAL / 16)
 
 
 def test_transient_bytes(counts):
-    one, ddp, fsdp, ep8, _, ep8_rep, ep8_fsdp = mm.layouts()
+    one, ddp, fsdp, ep8, ep8_fsdp, fsdp16, ep8_16, ep8_fsdp16 = mm.layouts()
+    rest, root = TOTAL - ROUTED, 2 * V * D + D
     assert mm.transient_bytes(counts, one) == 0
+    # ddp: a flat copy of all gradients; with ep=8 on 8 ranks only the rest is all-reduced, on 16 ranks
+    # the experts' shard (ROUTED / 8) too, one group after the other
     assert mm.transient_bytes(counts, ddp) == 4 * TOTAL
-    largest = max(DENSE_BLOCK, MOE_REST + ROUTED_PER_LAYER, V * D + D)
+    assert mm.transient_bytes(counts, ep8) == 4 * rest
+    assert mm.transient_bytes(counts, ep8_16) == 4 * max(rest, ROUTED / 8)
+    largest = max(DENSE_BLOCK, MOE_REST + ROUTED_PER_LAYER, root)
     assert mm.transient_bytes(counts, fsdp) == 3 * 4 * largest
+    assert mm.transient_bytes(counts, fsdp16) == 3 * 4 * largest
     # experts only split over ep: nothing gathered for them; FSDP over 2 beyond ep: 1/8 gathered
-    assert mm.transient_bytes(counts, ep8) == 3 * 4 * max(DENSE_BLOCK, MOE_REST, V * D + D)
-    assert mm.transient_bytes(counts, ep8_rep) == mm.transient_bytes(counts, ep8)
-    assert mm.transient_bytes(counts, ep8_fsdp) == pytest.approx(
-        3 * 4 * max(DENSE_BLOCK, MOE_REST + ROUTED_PER_LAYER / 8, V * D + D)
+    assert mm.transient_bytes(counts, ep8_fsdp) == 3 * 4 * max(DENSE_BLOCK, MOE_REST, root)
+    assert mm.transient_bytes(counts, ep8_fsdp16) == pytest.approx(
+        3 * 4 * max(DENSE_BLOCK, MOE_REST + ROUTED_PER_LAYER / 8, root)
     )
+
+
+def test_checkpoint_gather_bytes(counts):
+    one, ddp, fsdp, ep8, ep8_fsdp, fsdp16, ep8_16, ep8_fsdp16 = mm.layouts()
+    rest = TOTAL - ROUTED
+    assert mm.checkpoint_gather_bytes(counts, one) == 0
+    assert mm.checkpoint_gather_bytes(counts, ddp) == 0  # every tensor is already whole
+    assert mm.checkpoint_gather_bytes(counts, fsdp) == 12 * TOTAL
+    assert mm.checkpoint_gather_bytes(counts, ep8) == 12 * ROUTED  # the rest is whole
+    assert mm.checkpoint_gather_bytes(counts, ep8_16) == 12 * ROUTED
+    assert mm.checkpoint_gather_bytes(counts, ep8_fsdp16) == 12 * (rest + ROUTED)
 
 
 def test_activation_formula(counts):
@@ -110,4 +125,4 @@ def test_all_to_all_formula():
 def test_report_runs(counts, capsys):
     assert mm.main(["configs/tiny-cpu.yaml", "--tokens", "3072"]) == 0
     out = capsys.readouterr().out
-    assert "5,511,296 total" in out and "| 8 GPUs FSDP |" in out
+    assert "5,511,296 total" in out and "| 8 GPUs, fsdp |" in out and "(not in moelab)" in out
