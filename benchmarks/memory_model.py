@@ -61,15 +61,17 @@ With activation checkpointing (train.activation_checkpointing) each block keeps 
 (4·D per token, fp32) and one block's activations exist again while it is recomputed in backward:
 L·4·D·T + the largest block's activations + the output term (either output term goes with either).
 
-All-to-all of expert parallelism (e ranks, balanced routing): each of the T tokens of a rank sends
-its k routed copies (D values of b bytes each) to the rank holding the chosen expert, which is remote
-with probability (e−1)/e; the expert outputs come back the same way. Forward = dispatch + combine,
-backward = the same two exchanges for the gradients, so per MoE layer and micro-batch each rank sends
+All-to-all of expert parallelism (e ranks, balanced routing; moe/expert_parallel.py): each of the T
+tokens of a rank sends its k routed copies (D values of b bytes: the autocast dtype, bf16, b = 2) to
+the rank holding the chosen expert, which is remote with probability (e−1)/e, with the expert's local
+id (8 bytes, int64); the expert outputs come back the same way. Forward = dispatch + combine, backward
+= the same two row exchanges for the gradients, so per MoE layer and micro-batch each rank sends
 
-  V_layer = 4 · T · k · D · b · (e − 1) / e   bytes   (6 · ... with activation checkpointing, whose
-                                                       recomputed forward exchanges again)
+  V_layer = T · k · (e − 1)/e · (4 · D · b + 8)   bytes
+            (T · k · (e − 1)/e · (6 · D · b + 16) with activation checkpointing, whose recomputed
+             forward exchanges again)
 
-and receives as much; per micro-batch V = L_moe · V_layer.
+and receives as much; per micro-batch V = L_moe · V_layer (the (e,) count exchanges are left out).
 
     python benchmarks/memory_model.py                                  # OLMoE-1B-7B and test-51
     python benchmarks/memory_model.py configs/tiny-cpu.yaml --tokens 3072
@@ -95,6 +97,7 @@ PARAM_BYTES = 4  # fp32 parameters
 GRAD_BYTES = 4  # gradients in the parameters' dtype
 ADAM_BYTES = 8  # two fp32 moments
 ACT_BYTES = 2  # bf16 autocast activations
+ID_BYTES = 8  # an int64 expert id sent with each routed copy
 FP32 = 4
 GIB = 2**30
 DEFAULT_CONFIGS = ("configs/olmoe-1b-7b.yaml", "configs/research/test-51.yaml")
@@ -256,9 +259,12 @@ def activation_bytes(c: Counts, tokens: int, checkpointing: bool, loss_chunk: in
 def all_to_all_bytes(
     tokens: int, top_k: int, d_model: int, ep: int, dtype_bytes: int, moe_layers: int = 1, recompute=False
 ) -> float:
-    """Bytes each rank sends per micro-batch: (4 or 6) · T · k · D · b · (ep−1)/ep · L_moe."""
-    passes = 6 if recompute else 4
-    return passes * tokens * top_k * d_model * dtype_bytes * (ep - 1) / ep * moe_layers
+    """Bytes each rank sends per micro-batch: T · k · (ep−1)/ep · (4·D·b + 8) · L_moe (rows of the
+    dispatch, combine and their two gradients, plus the int64 expert ids); with recompute (activation
+    checkpointing) the forward's rows and ids go twice: (6·D·b + 16)."""
+    rows, ids = (6, 2) if recompute else (4, 1)
+    per_pair = rows * d_model * dtype_bytes + ids * ID_BYTES
+    return tokens * top_k * (ep - 1) / ep * per_pair * moe_layers
 
 
 def gib(x: float) -> str:
@@ -300,7 +306,7 @@ def report(path: str, tokens: int, loss_chunk: int) -> str:
         v = all_to_all_bytes(tokens, c.top_k, c.d_model, ep, ACT_BYTES, c.n_moe_layers)
         v_ckpt = all_to_all_bytes(tokens, c.top_k, c.d_model, ep, ACT_BYTES, c.n_moe_layers, True)
         lines.append(
-            f"- ep={ep}: 4·{tokens:,}·{c.top_k}·{c.d_model}·2·{ep - 1}/{ep}·{c.n_moe_layers} = "
+            f"- ep={ep}: {tokens:,}·{c.top_k}·{ep - 1}/{ep}·(4·{c.d_model}·2 + 8)·{c.n_moe_layers} = "
             f"{gib(v)} GiB ({gib(v_ckpt)} GiB with activation checkpointing)"
         )
     return "\n".join(lines) + "\n"

@@ -116,9 +116,13 @@ def test_activation_formula(counts):
 
 
 def test_all_to_all_formula():
-    # T=1000 tokens, k=2, D=16, ep=4, bf16, 3 MoE layers: 4 exchanges of 1000·2·16·2 bytes, 3/4 remote
-    assert mm.all_to_all_bytes(1000, 2, 16, 4, 2, 3) == 4 * 1000 * 2 * 16 * 2 * 3 / 4 * 3
-    assert mm.all_to_all_bytes(1000, 2, 16, 4, 2, 3, recompute=True) == 6 * 1000 * 2 * 16 * 2 * 3 / 4 * 3
+    # T=1000 tokens, k=2, D=16, ep=4, bf16, 3 MoE layers: 4 row exchanges of 16·2 bytes per copy,
+    # 1000·2 copies, 3/4 of them remote
+    # plus an 8-byte expert id per remote copy (twice with recompute)
+    assert mm.all_to_all_bytes(1000, 2, 16, 4, 2, 3) == 1000 * 2 * 3 / 4 * (4 * 16 * 2 + 8) * 3
+    assert (
+        mm.all_to_all_bytes(1000, 2, 16, 4, 2, 3, recompute=True) == 1000 * 2 * 3 / 4 * (6 * 16 * 2 + 16) * 3
+    )
     assert mm.all_to_all_bytes(1000, 2, 16, 1, 2, 3) == 0  # one rank: nothing leaves
 
 
