@@ -267,6 +267,13 @@ def all_to_all_bytes(
     return tokens * top_k * (ep - 1) / ep * per_pair * moe_layers
 
 
+def fsdp_bytes(c: Counts, world: int) -> float:
+    """Bytes each rank receives per micro-batch under FSDP2 (fp32, no mixed-precision policy): every
+    parameter all-gathered in forward and again in backward, every gradient reduce-scattered:
+    3 · 4 · P · (W − 1)/W."""
+    return 3 * PARAM_BYTES * c.total * (world - 1) / world
+
+
 def gib(x: float) -> str:
     return f"{x / GIB:,.2f}"
 
@@ -282,10 +289,11 @@ def report(path: str, tokens: int, loss_chunk: int) -> str:
         "",
         f"- parameters: {c.total:,} total, {c.routed:,} in routed experts, {c.rest:,} other; "
         f"{c.n_layers} blocks ({c.n_moe_layers} MoE), D={c.d_model}, E={c.n_experts}, k={c.top_k}, "
-        f"I={c.d_expert}, S={c.n_shared}, V={c.vocab}",
+        f"I={c.d_expert}, S={c.n_shared}, V={c.vocab}; routed experts {100 * c.routed / c.total:.1f}%",
         f"- activations for T = {tokens:,} tokens per rank per micro-batch: {gib(act)} GiB, "
         f"{gib(act_ckpt)} GiB with activation checkpointing, {gib(act_chunk)} GiB with checkpointing and "
-        f"train.loss_chunk_tokens={loss_chunk}",
+        f"train.loss_chunk_tokens={loss_chunk}; of these the plain output term (logits, their fp32 copy "
+        f"and log-softmax) is {gib(output_act_bytes(c, tokens))} GiB",
         "",
         "| layout | params | grads | AdamW | transient | states + transient | + activations "
         "| + activations (ckpt) | + activations (ckpt, chunked loss) | checkpoint save |",
@@ -308,6 +316,14 @@ def report(path: str, tokens: int, loss_chunk: int) -> str:
         lines.append(
             f"- ep={ep}: {tokens:,}·{c.top_k}·{ep - 1}/{ep}·(4·{c.d_model}·2 + 8)·{c.n_moe_layers} = "
             f"{gib(v)} GiB ({gib(v_ckpt)} GiB with activation checkpointing)"
+        )
+    lines += ["", "FSDP2 traffic per rank per micro-batch, for comparison (parameters, not tokens):", ""]
+    for world in (8, 16):
+        f = fsdp_bytes(c, world)
+        v8 = all_to_all_bytes(tokens, c.top_k, c.d_model, 8, ACT_BYTES, c.n_moe_layers)
+        lines.append(
+            f"- W={world}: 3·4·{c.total:,}·{world - 1}/{world} = {gib(f)} GiB; the ep=8 all-to-all "
+            f"reaches it at T = {tokens * f / v8:,.0f} tokens per rank"
         )
     return "\n".join(lines) + "\n"
 

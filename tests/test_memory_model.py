@@ -126,6 +126,11 @@ def test_all_to_all_formula():
     assert mm.all_to_all_bytes(1000, 2, 16, 1, 2, 3) == 0  # one rank: nothing leaves
 
 
+def test_fsdp_bytes(counts):
+    assert mm.fsdp_bytes(counts, 8) == pytest.approx(3 * 4 * TOTAL * 7 / 8)
+    assert mm.fsdp_bytes(counts, 1) == 0
+
+
 def test_report_runs(counts, capsys):
     assert mm.main(["configs/tiny-cpu.yaml", "--tokens", "3072"]) == 0
     out = capsys.readouterr().out
