@@ -22,11 +22,15 @@ Reported per implementation: the median step time over `--steps` steps after `--
 bf16 rate (`PEAK_FLOPS` of moelab's trainer, by GPU name; `--peak-tflops` for another GPU), with model
 FLOPs/token = 6 · active parameters + 12 · layers · D · N (the trainer's formula), and the peak memory
 allocated by torch (`torch.cuda.max_memory_allocated`). A row that runs out of memory says so.
-Throughput across several GPUs is what `moelab train` logs (tokens/s, mfu) in its metrics.
+The moelab rows go through `parallelize` as `moelab train` does, so
+`--set train.activation_checkpointing=true`, `--set train.loss_chunk_tokens=1024` or
+`--set train.compile=true` apply to them (transformers runs as built). Throughput across several
+GPUs is what `moelab train` logs (tokens/s, mfu) in its metrics.
 
     python benchmarks/gpu.py                                      # OLMoE-1B-7B, 1 × 4096 tokens/step
     python benchmarks/gpu.py --batch 2 --steps 20 --out docs/BENCHMARKS.md
     python benchmarks/gpu.py --config configs/research/test-51.yaml --batch 8
+    python benchmarks/gpu.py --batch 2 --set train.activation_checkpointing=true --impls "moelab autocast"
     python benchmarks/gpu.py --tiny --device cpu                  # the whole script on CPU, seconds
 """
 
@@ -52,6 +56,7 @@ from common import machine, sync, update_doc  # noqa: E402
 import moelab  # noqa: E402
 import moelab.hf  # noqa: E402
 from moelab.errors import MoelabError  # noqa: E402
+from moelab.train.parallel import parallelize  # noqa: E402
 from moelab.train.trainer import PEAK_FLOPS  # noqa: E402
 
 LOAD_BALANCE_COEF = 0.01
@@ -103,7 +108,8 @@ def build(name: str, config, state: dict, device: torch.device) -> torch.nn.Modu
         with torch.device(device):
             model = moelab.build(config)
         model.load_state_dict(state)
-        return model.to(torch.bfloat16) if name == "moelab bf16" else model
+        model = model.to(torch.bfloat16) if name == "moelab bf16" else model
+        return parallelize(model, config)  # dispatcher, activation checkpointing, compile: as trained
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     hf_config = OlmoeConfig(**moelab.hf.config_to_hf(config, torch.bfloat16))  # refuses what it lacks
