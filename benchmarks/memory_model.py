@@ -35,27 +35,32 @@ on its device before rank 0 writes them (train/distributed.py: full_state_dict, 
 all alive at once: 12 bytes · P per rank, less what the rank already holds whole (replicated tensors
 are not copied). The last column is the peak of a save step: states + this (activations are freed).
 
-Activations, for T = B·N tokens per rank per micro-batch, bf16 autocast (2 bytes), counting the
-tensors autograd keeps for backward, per token:
+Activations, for T = B·N tokens per rank per micro-batch under bf16 autocast: the tensors autograd
+keeps for backward (and the logits the model returns), per token, in bytes:
 
-  attention sub-block   4·D  block input (fp32 residual stream, kept by attn_norm)
-                        2·D  attn_norm output (bf16, the q/k/v projections' input)
-                        2·2·D q, k projections before QK-norm (only with qk_norm)
-                        2·3·D q, k, v after norm and RoPE (SDPA's inputs)
-                        2·D  attention output (o_proj's input); SDPA's N×N scores are not stored
-                             (flash/memory-efficient kernels), its (H,) logsumexp is ignored
-  MLP sub-block         4·D  residual after attention (fp32, kept by mlp_norm)
-                        2·D  mlp_norm output (router / experts / MLP input)
-    MoE layer           8·E  router logits and probabilities (fp32)
-                        2·k·(2·D + 4·I)  per routed copy: gathered input D, gate|up 2I, silu(gate) I,
-                                         silu(gate)·up I, expert output D
-                        2·4·S·I          shared experts (S·I wide): gate|up, silu, product
-    dense layer         2·4·I_dense
-  output                4·D + 2·D  final norm input (fp32) and output; 2·V bf16 logits, 4·V their fp32
-                        copy for the cross-entropy, 4·V its log-softmax
+  attention sub-block   8·D    attn_norm's fp32 input (the residual stream) and fp32 normalised value
+                        2·D    its output cast to bf16 (the q/k/v projections' input)
+                        2·6·D  q_norm, k_norm (qk_norm only): each its input's fp32 copy and bf16 output
+                        2·4·D  q, k, v after RoPE and the attention output (SDPA keeps no N×N scores)
+                        2·D    the heads merged back (o_proj's input)
+  MLP sub-block         8·D    mlp_norm's fp32 input and normalised value
+                        2·D    its output cast to bf16 (router / dense MLP input)
+    MoE layer           12·E   router logits, probabilities and top-k selection input (fp32)
+                        2·D    the routed experts' input cast to bf16
+                        2·k·(3·D + 4·I)  per routed copy: gathered input, expert output, weighted output,
+                                         gate|up (2I), silu(gate) (I), silu(gate)·up (I)
+                        2·(D + 4·S·I)    shared experts (S·I wide): input cast, gate|up, silu, product
+    dense layer         2·4·I_dense      gate|up, silu, product
+  output                8·D + 2·D  the final norm's fp32 input and normalised value, bf16 cast
+                        2·V  the bf16 logits (returned in the model output)
+                        4·V  the fp32 log-softmax the cross-entropy keeps (the fp32 copy of the logits
+                             and the logits' gradient exist only for a moment; not counted)
     chunked loss        with train.loss_chunk_tokens = c > 0 (moelab.models.lm_loss) no logits are kept:
-                        per token 4·D + 4·D (norm input, fp32 hidden) + 4 (log-sum-exp), plus one
+                        per token 8·D + 4·D (norm values, fp32 hidden) + 4 (log-sum-exp), plus one
                         chunk's 10·c·V bytes (bf16 logits, fp32 logits, fp32 softmax) while it runs
+
+tests/test_memory_model.py checks these terms against the tensors autograd really saves for small
+models under CPU bf16 autocast (within 3%; the small integer tensors, ids and orders, are left out).
 
 With activation checkpointing (train.activation_checkpointing) each block keeps only its input
 (4·D per token, fp32) and one block's activations exist again while it is recomputed in backward:
@@ -226,25 +231,26 @@ def checkpoint_gather_bytes(c: Counts, lay: Layout) -> float:
 def block_act_bytes(c: Counts, dense: bool) -> int:
     """Activation bytes per token kept by one block (see the module docstring)."""
     D, b = c.d_model, ACT_BYTES
-    attn = FP32 * D + b * D + (b * 2 * D if c.qk_norm else 0) + b * 3 * D + b * D
-    mlp = FP32 * D + b * D
+    attn = FP32 * 2 * D + b * D + (b * 6 * D if c.qk_norm else 0) + b * 4 * D + b * D
+    mlp = FP32 * 2 * D + b * D
     if dense:
         mlp += b * 4 * c.d_dense
     else:
-        mlp += 2 * FP32 * c.n_experts
-        mlp += b * c.top_k * (2 * D + 4 * c.d_expert)
-        mlp += b * 4 * c.n_shared * c.d_expert
+        mlp += 3 * FP32 * c.n_experts + b * D
+        mlp += b * c.top_k * (3 * D + 4 * c.d_expert)
+        if c.n_shared:
+            mlp += b * (D + 4 * c.n_shared * c.d_expert)
     return attn + mlp
 
 
 def output_act_bytes(c: Counts, tokens: int, loss_chunk: int = 0) -> int:
-    """The output term for `tokens` tokens. Plain: per token the final norm input (fp32) and output
-    (bf16), bf16 logits, fp32 logits, fp32 log-softmax. Chunked (loss_chunk > 0): per token the norm
-    input and the fp32 hidden state and a log-sum-exp, plus one chunk's three (chunk, V) tensors."""
+    """The output term for `tokens` tokens. Plain: per token the final norm's fp32 input and normalised
+    value and bf16 cast, the bf16 logits, the fp32 log-softmax. Chunked (loss_chunk > 0): per token the
+    norm's values, the fp32 hidden state and a log-sum-exp, plus one chunk's three (chunk, V) tensors."""
     D, V = c.d_model, c.vocab
     if loss_chunk <= 0:
-        return tokens * (FP32 * D + ACT_BYTES * D + (ACT_BYTES + FP32 + FP32) * V)
-    return tokens * (FP32 * D + FP32 * D + FP32) + min(loss_chunk, tokens) * (ACT_BYTES + FP32 + FP32) * V
+        return tokens * (FP32 * 2 * D + ACT_BYTES * D + (ACT_BYTES + FP32) * V)
+    return tokens * (FP32 * 3 * D + FP32) + min(loss_chunk, tokens) * (ACT_BYTES + FP32 + FP32) * V
 
 
 def activation_bytes(c: Counts, tokens: int, checkpointing: bool, loss_chunk: int = 0) -> int:
@@ -292,8 +298,8 @@ def report(path: str, tokens: int, loss_chunk: int) -> str:
         f"I={c.d_expert}, S={c.n_shared}, V={c.vocab}; routed experts {100 * c.routed / c.total:.1f}%",
         f"- activations for T = {tokens:,} tokens per rank per micro-batch: {gib(act)} GiB, "
         f"{gib(act_ckpt)} GiB with activation checkpointing, {gib(act_chunk)} GiB with checkpointing and "
-        f"train.loss_chunk_tokens={loss_chunk}; of these the plain output term (logits, their fp32 copy "
-        f"and log-softmax) is {gib(output_act_bytes(c, tokens))} GiB",
+        f"train.loss_chunk_tokens={loss_chunk}; of these the plain output term (final norm, bf16 logits, "
+        f"fp32 log-softmax) is {gib(output_act_bytes(c, tokens))} GiB",
         "",
         "| layout | params | grads | AdamW | transient | states + transient | + activations "
         "| + activations (ckpt) | + activations (ckpt, chunked loss) | checkpoint save |",
