@@ -143,6 +143,37 @@ def test_two_ranks_equal_one_process(mode, reference, two_domain_data, tmp_path)
     _assert_resumes_in_one_process(run, two_domain_data, reference)
 
 
+@pytest.mark.dist
+def test_sigterm_on_one_rank_stops_both(two_domain_data, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks save one checkpoint after the same step and exit cleanly."""
+    import signal
+    import time
+
+    run = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "moelab.cli", "train", str(CONFIG), "--out", str(run), "--no-progress"]
+    cmd += [a for o in _overrides(two_domain_data, "train.steps=100000") for a in ("--set", o)]
+    launcher = subprocess.Popen([*cmd, "--nproc", "2"], env=_env(), stdout=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 60
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+
+    def children(pid: int) -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return sorted(int(p) for p in found.split())
+
+    torchrun = children(launcher.pid)
+    ranks = children(torchrun[0]) if torchrun else []
+    if len(ranks) != 2:
+        launcher.kill()
+    assert len(ranks) == 2, (torchrun, ranks)
+    os.kill(ranks[-1], signal.SIGTERM)  # one worker only
+    out, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, out
+    assert "stopped by SIGTERM" in out
+    last = max(_steps(run))
+    assert (run / "checkpoints" / f"step-{last:07d}").is_dir()
+
+
 # ----------------------------------------------------------------------------- the EP dispatcher itself
 
 

@@ -245,8 +245,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             # one host transfer for the scalars every step needs (loss, norms, finiteness)
             tail = [finite.float()[None], reduced[-1:]] if d.active else [finite.float()[None]]
             packed = torch.cat([sums / tc.grad_accum, grad_norms, *tail]).tolist()
-            if d.active and packed.pop() > 0 and stop.signal_name is None:  # another rank was signalled
-                stop.signal_name = "SIGTERM"
+            # stop after this step: in a job only by the reduced flag, so every rank stops at the same step
+            # (a signal arriving after the flag was sent counts at the next step)
+            stopping = packed.pop() > 0 if d.active else stop.signal_name is not None
             finite = packed[-1] == 1.0
             if finite:
                 optimizer.step()
@@ -325,9 +326,10 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             last_step = step == tc.steps
             # periodic checkpoints only of good states (not inside a non-finite streak)
             periodic = tc.save_every and step % tc.save_every == 0 and nonfinite_streak == 0
-            if periodic or last_step or stop.signal_name:
+            if periodic or last_step or stopping:
                 path = checkpoint(step)
-                if stop.signal_name:
+                if stopping:
+                    stop.signal_name = stop.signal_name or "SIGTERM"  # signalled on another rank
                     log.warning(
                         "%s received: saved %s. Resume with: moelab train %s --out %s --resume",
                         stop.signal_name,
