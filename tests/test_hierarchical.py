@@ -272,6 +272,11 @@ def test_hf_concat_balancing_is_refused_at_build():
         build("moe.load_balance=hf_concat")
 
 
+def test_global_batch_balancing_scope_is_refused_at_build():
+    with pytest.raises(ConfigError, match="load_balance_scope=global_batch"):
+        build("moe.load_balance_scope=global_batch")
+
+
 @pytest.mark.parametrize("override", ["moe.topk_gap_coef=0.1", "moe.expert_size_penalty=0.1"])
 def test_flat_router_regularisers_are_refused_at_build(override):
     with pytest.raises(ConfigError, match="is a flat-router regulariser"):

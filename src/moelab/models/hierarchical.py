@@ -95,6 +95,11 @@ class Hierarchical(OLMoE):
                 "moe.load_balance=hf_concat is a flat-router convention; hierarchical balances each "
                 "node's branches (per_layer) or not at all (none)"
             )
+        if config.moe.load_balance_scope != "micro_batch":
+            raise ConfigError(
+                f"moe.load_balance_scope={config.moe.load_balance_scope}: the tree's per-node balancing "
+                f"loss is computed per micro-batch on each rank; use micro_batch"
+            )
         for name in ("topk_gap_coef", "expert_size_penalty"):  # both read one softmax over all experts
             if getattr(config.moe, name) > 0:
                 raise ConfigError(
