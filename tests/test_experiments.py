@@ -14,10 +14,11 @@ def test_new_experiment_builds_from_its_own_copy_and_checkpoints_carry_it(tmp_pa
     assert main(["new", "probe", "--from", "olmoe", "--dir", str(tmp_path)]) == 0
     exp = tmp_path / "probe"
     assert (exp / "model.py").is_file() and (exp / "config.yaml").is_file()
-    # Edit the copy: scale the logits. The edited file, not the built-in one, must be used.
+    # Edit the copy: scale the final hidden state, hence the (bias-free) logits. The edited file, not the
+    # built-in one, must be used.
     src = (exp / "model.py").read_text()
     edited = src.replace(
-        "logits = self.lm_head(self.norm(x))  # (B, N, V)", "logits = 2.0 * self.lm_head(self.norm(x))"
+        "self.head_output(input_ids, self.norm(x),", "self.head_output(input_ids, 2.0 * self.norm(x),"
     )
     assert edited != src
     (exp / "model.py").write_text(edited)
