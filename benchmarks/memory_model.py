@@ -30,10 +30,11 @@ next: 2 units) and in backward its unsharded fp32 gradients exist before the red
 norm and lm_head; a block's routed experts count with 1/e of their parameters when FSDP-sharded
 beyond ep, and not at all when they are only split over ep ranks).
 
-Checkpoint save (several ranks): every rank gathers the whole parameters and the whole AdamW moments
-on its device before rank 0 writes them (train/distributed.py: full_state_dict, full_optimizer_state),
-all alive at once: 12 bytes · P per rank, less what the rank already holds whole (replicated tensors
-are not copied). The last column is the peak of a save step: states + this (activations are freed).
+Checkpoint save (several ranks): the whole parameters and AdamW moments are gathered one tensor at a
+time and moved to rank 0's CPU (train/distributed.py: full_state_dict, full_optimizer_state), so a
+device holds at most one whole fp32 tensor beyond its shards: 4 bytes · the largest parameter tensor
+when anything is sharded, 0 otherwise; rank 0's host memory holds 12 bytes · P. The last column is
+the peak of a save step on a device: states + this (activations are freed).
 
 Activations, for T = B·N tokens per rank per micro-batch under bf16 autocast: the tensors autograd
 keeps for backward (and the logits the model returns), per token, in bytes:
@@ -116,6 +117,7 @@ class Counts:
 
     total: int
     routed: int  # parameters of all RoutedExperts modules
+    largest: int  # elements of the largest parameter tensor
     units: tuple[tuple[int, int], ...]  # per FSDP unit: (rest params, routed params)
     d_model: int  # D
     vocab: int  # V
@@ -157,6 +159,7 @@ def count(config) -> Counts:
     return Counts(
         total=total,
         routed=routed_params(model),
+        largest=max(p.numel() for p in model.parameters()),
         units=tuple(units),
         d_model=mc.d_model,
         vocab=mc.vocab_size,
@@ -220,12 +223,11 @@ def transient_bytes(c: Counts, lay: Layout) -> float:
 
 
 def checkpoint_gather_bytes(c: Counts, lay: Layout) -> float:
-    """Extra bytes per rank while a checkpoint is saved: whole parameters and AdamW moments (12 bytes
-    per parameter) minus the rank's own unsharded ones; 0 on one rank (nothing is gathered)."""
-    if lay.world == 1:
+    """Extra device bytes per rank while a checkpoint is saved: one whole fp32 tensor at a time (the
+    largest parameter, an upper bound) when some tensor is sharded; 0 when every tensor is whole."""
+    if lay.rest_shard == 1 and lay.routed_shard == 1:
         return 0.0
-    whole = (c.rest if lay.rest_shard == 1 else 0) + (c.routed if lay.routed_shard == 1 else 0)
-    return (PARAM_BYTES + ADAM_BYTES) * (c.total - whole)
+    return PARAM_BYTES * c.largest
 
 
 def block_act_bytes(c: Counts, dense: bool) -> int:

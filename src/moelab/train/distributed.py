@@ -167,19 +167,24 @@ def broadcast_parameters(model: nn.Module, d: Dist) -> None:
 # ----------------------------------------------------------------------------- full state for checkpoints
 
 
-def _full(t: torch.Tensor, name: str, d: Dist) -> torch.Tensor:
-    """The whole tensor of parameter `name`: FSDP2 shards are gathered, expert shards concatenated."""
+def _full(t: torch.Tensor, name: str, d: Dist) -> torch.Tensor | None:
+    """The whole tensor of parameter `name`, on rank 0's CPU (None on the other ranks): FSDP2 shards are
+    gathered, expert shards concatenated. Called one tensor at a time, so no accelerator holds more than
+    one whole tensor beyond its own shards while a checkpoint is gathered."""
     if hasattr(t, "full_tensor"):  # a DTensor (FSDP2)
-        return t.full_tensor()
-    if d.ep > 1 and is_routed_expert(name) and t.ndim > 0:
+        whole = t.full_tensor()
+    elif d.ep > 1 and is_routed_expert(name) and t.ndim > 0:
         parts = [torch.empty_like(t) for _ in range(d.ep)]
         dist.all_gather(parts, t.contiguous(), group=d.ep_group)
-        return torch.cat(parts)
-    return t
+        whole = torch.cat(parts)
+    else:
+        whole = t
+    return whole.cpu() if d.is_main else None
 
 
 def full_state_dict(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
-    """model.state_dict() with every tensor whole (collective: every rank calls it)."""
+    """model.state_dict() with every tensor whole, on rank 0's CPU (collective: every rank calls it;
+    only rank 0's result holds tensors)."""
     return {name: _full(t.detach(), name, d) for name, t in model.state_dict().items()}
 
 
@@ -190,7 +195,8 @@ def _param_names(model: nn.Module, optimizer) -> list[str]:
 
 
 def full_optimizer_state(optimizer, model: nn.Module, d: Dist) -> dict:
-    """optimizer.state_dict() with whole moment tensors (collective), so any world size can resume it."""
+    """optimizer.state_dict() with whole moment tensors on rank 0's CPU (collective; only rank 0's result
+    holds them), so any world size can resume it."""
     state = optimizer.state_dict()
     if not d.active:
         return state
