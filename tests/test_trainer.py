@@ -339,3 +339,41 @@ def test_crosslayer_telemetry_logs_routing_state_rms_and_alpha(tmp_path, data_di
         assert (low, high) == pytest.approx((bias.min().item(), bias.max().item()), abs=1e-7)
     rms = last["layers"]["routing_state_rms"]
     assert len(rms) == 2 and all(0.9 < v < 1.1 for v in rms)  # RMSNorm output, norm weights near 1
+
+
+def test_global_batch_scope_takes_f_from_every_micro_batch_of_the_step(tmp_path, data_dir):
+    """One process, grad_accum 2: the logged load-balance term is E·Σ f_step·P_m, averaged over the two
+    micro-batches, with f counted over both (by hand from the routers' logits), not f_m of each."""
+    from moelab.data.loader import PackedLoader, TokenDataset
+    from moelab.models import build
+
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text("{}\n")
+    overrides = tiny_overrides(data_dir, steps=1, grad_accum=2) + ["moe.load_balance_scope=global_batch"]
+    config, run_dir = prepare_run(config_file, overrides, tmp_path / "g", False)
+    torch.manual_seed(config.train.seed)  # as the trainer builds its model
+    model = build(config)
+    loader = PackedLoader(TokenDataset(data_dir, "train"), 16, 4, config.train.seed)
+    batches = [next(loader), next(loader)]
+    train(config, run_dir, progress=False)
+    logged = next(json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+    E, k = 4, 2
+    with torch.no_grad():
+        probs = [  # per micro-batch: (L, T, E) router probabilities
+            torch.stack(
+                [r.router_logits.softmax(-1) for r in model(b["input_ids"], labels=b["labels"]).routing]
+            )
+            for b in batches
+        ]
+    counts = [torch.nn.functional.one_hot(p.topk(k, dim=-1).indices, E).sum((1, 2)).float() for p in probs]
+    tokens = [p.shape[1] for p in probs]
+
+    def loss(f, n, p):  # per_layer convention, averaged over layers
+        return (E * (f / (n * k)) * p.mean(1)).sum(-1).mean()
+
+    step_f, step_n = counts[0] + counts[1], sum(tokens)
+    expected = sum(loss(step_f, step_n, p) for p in probs) / 2
+    per_micro_batch = sum(loss(f, n, p) for f, n, p in zip(counts, tokens, probs)) / 2
+    assert logged["load_balance"] == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(expected) - float(per_micro_batch)) > 1e-4  # the two scopes differ on this data

@@ -121,9 +121,9 @@ class MoEConfig:
     expert_output_orthogonality_coef: float = 0.0  # >0: losses["expert_output_orthogonality"], ‖C − I‖_F / k
     expert_output_norm: Literal["none", "learned", "frozen"] = "none"  # RMSNorm of each expert's output
     expert_size_penalty: float = 0.0  # >0: losses["expert_size"], Σ_e p_e · I_e / d_expert per token
-    # global_batch: the load-balance fractions f count the tokens of every data-parallel rank's micro-batch
-    # (all-reduced, detached; P stays local), so N ranks give one process's loss (docs/TRAINING.md)
-    load_balance_scope: Literal["micro_batch", "global_batch"] = "micro_batch"  # f from one or all ranks
+    # global_batch: the load-balance fractions f count the tokens of the whole optimizer step (every
+    # micro-batch of every rank; detached; P stays the micro-batch's), so N ranks give one process's loss
+    load_balance_scope: Literal["micro_batch", "global_batch"] = "micro_batch"  # f over the micro-batch or the step
 
     def validate(self) -> None:
         names = ("load_balance_coef", "z_loss_coef", "lflb_rate", "lflb_bias_clamp")

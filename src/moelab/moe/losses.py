@@ -10,11 +10,13 @@ The top-k used for f is re-derived from the unbiased logits, so the bias of loss
 does not enter these losses.
 
 Balancing scope (`moe.load_balance_scope`): micro_batch takes f and P from the tokens this process sees
-in one micro-batch. global_batch (training with several ranks) counts f over the micro-batch of every
-data-parallel rank: inside `global_balance(reduce)` the (L, E) assignment counts and the token count
-are summed over ranks (detached) before f is formed, while P stays this rank's. Averaged over the ranks
-(as their gradients are), E · Σ_e f_e · P_e is then exactly the loss one process computes on the union
-of the ranks' micro-batches. Outside the context (evaluation, one process) nothing changes.
+in one micro-batch. global_batch counts f over the whole optimizer step (every micro-batch of every
+data-parallel rank): inside `global_balance(reduce)` the (L, E) assignment counts and the token count
+pass through `reduce` (detached) before f is formed, while P stays this micro-batch's. The trainer's
+reducer sums them over the ranks (one micro-batch per step), or returns the step's counts gathered by a
+no-grad routing pass (several micro-batches). Averaged over micro-batches and ranks (as the gradients
+are), E · Σ_e f_e · P_e is then exactly the loss of the whole step's tokens seen at once. Outside the
+context (evaluation) nothing changes.
 """
 
 from __future__ import annotations

@@ -197,8 +197,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
     width_groups = WidthGroups.of(model, device)  # None unless expert widths differ
     bar = _progress(tc.steps, step, progress and d.is_main)
-    global_scope = d.active and config.moe.load_balance_scope == "global_batch"
-    balance = balance_count_reducer(d) if global_scope else None
+    global_scope = config.moe.load_balance_scope == "global_batch"
+    # global_batch over one micro-batch: f summed over the ranks as each micro-batch runs; over several
+    # (grad_accum > 1): f of the whole step, from a no-grad routing pass over its micro-batches first
+    balance = balance_count_reducer(d) if global_scope and d.active and tc.grad_accum == 1 else None
+    whole_step = global_scope and tc.grad_accum > 1
     expert_group = d.ep_group if d.ep > 1 else False
     record: dict = {}
     model.train()
@@ -213,8 +216,10 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             coefs = loss_coefficients(config, step)  # the load-balance schedule at this step
             logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
             sums, step_counts, entropy, state_rms, n_tokens = None, None, 0.0, None, 0
-            for _ in range(tc.grad_accum):
-                batch = next(loader)
+            batches = [next(loader) for _ in range(tc.grad_accum)]
+            if whole_step:
+                balance = step_balance_counts(model, batches, tc, device, d)
+            for batch in batches:
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
                 labels = batch["labels"].to(device, non_blocking=True)
                 with autocast_for(tc, device), global_balance(balance):
@@ -357,6 +362,29 @@ class _Silent:
 
     def close(self) -> None:
         pass
+
+
+@torch.no_grad()
+def step_balance_counts(model, batches, tc, device, d):
+    """moe.load_balance_scope=global_batch with grad_accum > 1: the load-balancing fractions f of the
+    whole optimizer step. A no-grad forward of every micro-batch records the (L, E) assignment counts
+    and token counts that `load_balance_loss` forms f from; they are summed over the micro-batches and
+    (one all-reduce) the ranks. Returns a reducer that gives every micro-batch of the step these counts,
+    so its loss is E · Σ_e f_step,e · P_e with its own P. Costs one extra forward per micro-batch."""
+    seen = []
+
+    def record(counts, n_tokens):
+        seen.append((counts.detach().float(), n_tokens.detach().float()))
+        return counts, n_tokens
+
+    with autocast_for(tc, device), global_balance(record):
+        for batch in batches:
+            model(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+    counts = torch.stack([c for c, _ in seen]).sum(0)  # (L, E)
+    n_tokens = torch.stack([n for _, n in seen]).sum()
+    if d.active:
+        counts, n_tokens = balance_count_reducer(d)(counts, n_tokens)
+    return lambda _counts, _n_tokens: (counts, n_tokens)
 
 
 def _progress(total: int, start: int, enabled: bool):
