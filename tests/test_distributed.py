@@ -21,24 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_TRAIN_MODEL
 
 from moelab.config import load_config
 from moelab.errors import ConfigError, MoelabError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
-MODEL = [  # TINY_TRAIN_MODEL (helpers.py), for the two-domain data of conftest.py
-    "model.vocab_size=320",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.d_expert=32",
-    "model.n_experts=4",
-    "model.top_k=2",
-    "model.max_seq_len=32",
-    "model.pad_token_id=1",
-    "model.eos_token_id=0",
-]
+MODEL = TINY_TRAIN_MODEL  # for the two-domain data of conftest.py
 STEPS = 5
 RTOL = 1e-5
 
