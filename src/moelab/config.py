@@ -123,7 +123,7 @@ class MoEConfig:
     expert_size_penalty: float = 0.0  # >0: losses["expert_size"], Σ_e p_e · I_e / d_expert per token
     # global_batch: the load-balance fractions f count the tokens of the whole optimizer step (every
     # micro-batch of every rank; detached; P stays the micro-batch's), so N ranks give one process's loss
-    load_balance_scope: Literal["micro_batch", "global_batch"] = "micro_batch"  # f over the micro-batch or the step
+    load_balance_scope: Literal["micro_batch", "global_batch"] = "micro_batch"  # f: micro-batch or step
 
     def validate(self) -> None:
         names = ("load_balance_coef", "z_loss_coef", "lflb_rate", "lflb_bias_clamp")
