@@ -416,6 +416,8 @@ def test_analyze_is_json_with_every_key():
         "expert_continuity_multi",
         "expert_continuity_all",
         "paths",
+        "protocol",  # tests/test_protocol.py
+        "preferred_differs",
         "contextual",
     ]
     assert (result["n_tokens"], result["n_layers"], result["n_experts"], result["top_k"]) == (200, 3, 6, 2)

@@ -45,6 +45,24 @@ def add_commands(sub, add) -> None:
         "--min-count", type=int, default=10, help="vocab specialization: minimum occurrences of an id"
     )
     p.add_argument("--path-layers", default=None, help="paths over layers FIRST:LAST (default: all)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="domain/vocab specialization on each token's first k experts: 1 (top-1) or top_k (default)",
+    )
+    p.add_argument(
+        "--coactivation",
+        choices=["all", "adjacent"],
+        default="all",
+        help="co-activation over all pairs of the top-k set (default) or rank-adjacent pairs only",
+    )
+    p.add_argument(
+        "--source",
+        choices=["recorded", "preferred"],
+        default="recorded",
+        help="recorded top-k (default) or the top-k of router_probs (traces made with --router-probs)",
+    )
     p.set_defaults(func=_lazy("metrics", "cmd_analyze"))
 
     p = add(

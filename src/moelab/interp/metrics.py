@@ -173,17 +173,42 @@ def router_entropy(trace: Trace) -> np.ndarray | None:
     return total / trace.n_tokens
 
 
-def coactivation(trace: Trace) -> np.ndarray:
+def _adjacent_pairs(trace: Trace, layer: int, tokens: slice) -> np.ndarray:
+    """(E, E) int64: [i, j] = tokens with i and j (i != j) in adjacent slots r, r+1 of their ordered
+    top-k list at `layer` (either way round, counted once per token; pairs with a -1 slot skipped)."""
+    _check_layer(trace, layer)
+    E = trace.n_experts
+    ids = np.asarray(trace.topk_ids[layer, tokens], dtype=np.int64)  # (t, k), the model's order
+    a, b = ids[:, :-1], ids[:, 1:]
+    valid = (a >= 0) & (b >= 0) & (a != b)
+    keys = np.sort(
+        np.where(np.concatenate([valid, valid], axis=1), np.concatenate([a * E + b, b * E + a], 1), -1)
+    )
+    keys[:, 1:][keys[:, 1:] == keys[:, :-1]] = -1  # a pair met twice by one token counts once
+    return np.bincount(keys[keys >= 0], minlength=E * E).reshape(E, E)
+
+
+def coactivation(trace: Trace, pairs: str = "all") -> np.ndarray:
     """(L, E, E): [l, i, j] = tokens with both i and j in their top-k set / tokens with i; diagonal 0,
-    and 0 in row i where expert i is never chosen (random routing: (k-1)/(E-1) off the diagonal)."""
+    and 0 in row i where expert i is never chosen (random routing: (k-1)/(E-1) off the diagonal).
+
+    pairs="adjacent" counts in the numerator only tokens with i and j in rank-adjacent slots of their
+    ordered top-k list (what the OLMoE code computes; the same as "all" for k <= 2)."""
+    if pairs not in COACTIVATION_MODES:
+        raise MoelabError(f"co-activation pairs must be one of {COACTIVATION_MODES}, got {pairs!r}")
     L, E = trace.n_layers, trace.n_experts
     out = np.zeros((L, E, E))
     for layer in range(L):
         both = np.zeros((E, E), dtype=np.int64)
+        adjacent = np.zeros((E, E), dtype=np.int64)
         for sl in _chunks(trace.n_tokens):
             m = _members(trace, layer, sl).astype(np.float32)  # (t, E); sums < 2^24 are exact
             both += np.rint(m.T @ m).astype(np.int64)
+            if pairs == "adjacent":
+                adjacent += _adjacent_pairs(trace, layer, sl)
         with_i = np.diag(both).copy()
+        if pairs == "adjacent":
+            both = adjacent
         np.fill_diagonal(both, 0)
         out[layer] = np.nan_to_num(_shares(both, with_i[:, None]), nan=0.0)
     return out
@@ -465,6 +490,88 @@ def saturation(trace: Trace, ref: Trace) -> dict[str, np.ndarray]:
     return {"top1": _shares(same_top1, routed), "topk": _shares(overlap_sum, routed)}
 
 
+# ----------------------------------------------------------------------------- protocol views
+
+SOURCES = ("recorded", "preferred")
+COACTIVATION_MODES = ("all", "adjacent")
+
+
+class _LazyIds:
+    """A stand-in for a (L, T, k') topk_ids array whose `[layer, token_slice]` rows are computed on
+    demand by `rows(layer, slice)`, one chunk at a time (any other indexing materialises it all)."""
+
+    def __init__(self, shape: tuple[int, int, int], rows):
+        self.shape, self._rows = shape, rows
+        self.dtype, self.ndim = np.dtype(np.int64), 3
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], int | np.integer):
+            layer, tokens = int(key[0]), key[1]
+            if isinstance(tokens, slice):
+                return self._rows(layer, tokens)
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        full = np.stack([self._rows(layer, slice(0, self.shape[1])) for layer in range(self.shape[0])])
+        return full if dtype is None else full.astype(dtype)
+
+
+def _view(trace: Trace, topk_ids: _LazyIds, name: str) -> Trace:
+    """`trace` with another topk_ids (top_k = its width) and no topk_weights: the metric functions
+    then measure the view unchanged. Everything else (token ids, domains, router_probs) is shared."""
+    arrays = {key: getattr(trace, key) for key in ("token_ids", "doc_ids", "positions", "domains")}
+    arrays.update(
+        {
+            key: getattr(trace, key)
+            for key in ("router_probs", "context_word", "context_sense", "context_target")
+        }
+    )
+    arrays["topk_ids"] = topk_ids
+    return Trace(arrays, {**trace.meta, "top_k": topk_ids.shape[2]}, name=f"{trace.name} ({name})")
+
+
+def _preferred_rows(trace: Trace, layer: int, tokens: slice) -> np.ndarray:
+    """(t, k): the k experts of largest router probability, in descending order (ties: lower id)."""
+    p = np.asarray(trace.router_probs[layer, tokens], dtype=np.float32)  # (t, E)
+    return np.argsort(-p, axis=1, kind="stable")[:, : trace.top_k].astype(np.int64)
+
+
+def preferred_view(trace: Trace) -> Trace:
+    """`trace` routed as its router prefers: each token's top-k recomputed from router_probs (the
+    unbiased probabilities, before any loss-free balancing bias), in descending order."""
+    if trace.router_probs is None:
+        raise MoelabError(
+            f"{trace.name} has no router_probs; --source preferred needs a trace recorded with "
+            "`moelab trace --router-probs`"
+        )
+    if trace.top_k > trace.n_experts:
+        raise MoelabError(
+            f"{trace.name}: top_k {trace.top_k} > n_experts; --source preferred needs a flat router"
+        )
+    shape = (trace.n_layers, trace.n_tokens, trace.top_k)
+    return _view(trace, _LazyIds(shape, lambda layer, sl: _preferred_rows(trace, layer, sl)), "preferred")
+
+
+def top1_view(trace: Trace) -> Trace:
+    """`trace` with each token's first expert only (its top-1 in the model's order; -1 if it has none)."""
+    shape = (trace.n_layers, trace.n_tokens, 1)
+    return _view(trace, _LazyIds(shape, lambda layer, sl: _top1(trace.topk_ids[layer, sl])[:, None]), "top-1")
+
+
+def preferred_differs(trace: Trace) -> np.ndarray | None:
+    """(L,): share of tokens whose preferred top-k set (from router_probs, see `preferred_view`) differs
+    from the recorded top-k set; None without router_probs or for a tree trace (top_k > E)."""
+    if trace.router_probs is None or trace.top_k > trace.n_experts:
+        return None
+    preferred = preferred_view(trace)
+    out = np.zeros(trace.n_layers)
+    for layer in range(trace.n_layers):
+        for sl in _chunks(trace.n_tokens):
+            differs = (_bits(trace, layer, sl) != _bits(preferred, layer, sl)).any(axis=1)
+            out[layer] += int(differs.sum())
+    return out / trace.n_tokens
+
+
 # ----------------------------------------------------------------------------- the whole analysis
 
 
@@ -489,8 +596,18 @@ def analyze(
     path_layers: tuple[int, int] | None = None,
     compare: Trace | Sequence[Trace] | None = None,
     progress: bool = False,
+    k: int | None = None,
+    coactivation_pairs: str = "all",
+    source: str = "recorded",
 ) -> dict:
     """Every metric of `trace` as a JSON-ready dict (the structure `moelab analyze --json` prints).
+
+    Protocol options (docs/METRICS.md, "Protocol options"; recorded under "protocol"): `k=1` measures
+    domain and vocabulary specialization on each token's first expert only; `coactivation_pairs=
+    "adjacent"` counts rank-adjacent pairs only; `source="preferred"` analyses the top-k recomputed
+    from router_probs (of `trace` and of every `compare` trace). Any trace with router_probs gets
+    "preferred_differs": per layer, the share of tokens whose preferred top-k set differs from the
+    recorded one.
 
     Layer rows get "width_load" for traces with mixed expert widths, the result gets "tree" for tree
     traces (moelab.interp.structure); "contextual" is present for contextual traces only, "saturation"
@@ -500,13 +617,23 @@ def analyze(
     from tqdm import tqdm
 
     refs = [] if compare is None else [compare] if isinstance(compare, Trace) else list(compare)
+    if source not in SOURCES:
+        raise MoelabError(f"source must be one of {SOURCES}, got {source!r}")
+    if k not in (None, 1, trace.top_k):
+        raise MoelabError(f"k must be 1 or the trace's top_k {trace.top_k}, got {k}")
+    if coactivation_pairs not in COACTIVATION_MODES:
+        raise MoelabError(f"coactivation must be one of {COACTIVATION_MODES}, got {coactivation_pairs!r}")
+    differs = preferred_differs(trace)
+    if source == "preferred":
+        trace, refs = preferred_view(trace), [preferred_view(ref) for ref in refs]
+    specialized = top1_view(trace) if k == 1 else trace  # domain and vocabulary specialization
     path_layers = _layer_span(trace, path_layers)
     steps = [
         ("load", lambda: expert_token_counts(trace)),
         ("router entropy", lambda: router_entropy(trace)),
-        ("co-activation", lambda: coactivation(trace)),
-        ("domains", lambda: domain_specialization(trace)),
-        ("vocabulary", lambda: vocab_specialization(trace, min_count)),
+        ("co-activation", lambda: coactivation(trace, coactivation_pairs)),
+        ("domains", lambda: domain_specialization(specialized)),
+        ("vocabulary", lambda: vocab_specialization(specialized, min_count)),
         ("continuity", lambda: expert_continuity_next(trace)),
         ("multi-layer continuity", lambda: expert_continuity_multi(trace)),
         ("continuity between all layers", lambda: expert_continuity_all(trace)),
@@ -555,6 +682,14 @@ def analyze(
         "expert_continuity_all": results["continuity between all layers"],
         "paths": results["paths"],
     }
+    out["protocol"] = {
+        "source": source,
+        "k": trace.top_k if k is None else k,
+        "min_count": int(min_count),
+        "coactivation": coactivation_pairs,
+    }
+    if differs is not None:
+        out["preferred_differs"] = differs
     if "router_similarity" in trace.meta:  # recorded at trace time from the model's weights
         out["router_similarity"] = trace.meta["router_similarity"]
     if shape["tree"] is not None:
@@ -638,6 +773,17 @@ def summary_table(result: dict, reference: str = "the reference") -> str:
             ics = result["contextual"]["ics"][word]
             cells = "  ".join(f"{_fmt(a, '.2f')}/{_fmt(b, '.2f')}" for a, b in zip(tis, ics))
             lines.append(f"  {word!r:<16} {cells}")
+    if "preferred_differs" in result:
+        lines += ["", "Tokens whose preferred top-k (from router_probs) differs from the recorded one:"]
+        lines += [f"{'layer':>5} {'share':>6}"]
+        lines += [f"{layer:>5} {_fmt(share):>6}" for layer, share in enumerate(result["preferred_differs"])]
+    protocol = result.get("protocol")
+    if protocol and (protocol["source"], protocol["k"], protocol["coactivation"]) != ("recorded", k, "all"):
+        lines += [
+            "",
+            f"Protocol: source {protocol['source']}, specialization on top-{protocol['k']}, "
+            f"co-activation over {protocol['coactivation']} pairs, min_count {protocol['min_count']}.",
+        ]
     if "saturation" in result:
         sats = result["saturation"]
         sats = [{"reference": reference, **sats}] if isinstance(sats, dict) else sats
@@ -661,10 +807,18 @@ def _parse_layers(text: str) -> tuple[int, int]:
 
 
 def cmd_analyze(args) -> None:
-    """`moelab analyze TRACE [--json] [--compare REF ...] [--min-count N] [--path-layers FIRST:LAST]`."""
+    """`moelab analyze TRACE [--json] [--compare REF ...] [--min-count N] [--path-layers FIRST:LAST]
+    [--k 1] [--coactivation all|adjacent] [--source recorded|preferred]`."""
     if args.min_count < 1:
         raise MoelabError(f"--min-count must be >= 1, got {args.min_count}")
     trace = Trace.open(args.trace)
+    if getattr(args, "source", "recorded") == "preferred" and trace.router_probs is None:
+        raise MoelabError(
+            f"--source preferred needs router_probs, but {trace.name} has none; "
+            "re-trace with `moelab trace --router-probs`"
+        )
+    if getattr(args, "k", None) not in (None, 1, trace.top_k):
+        raise MoelabError(f"--k must be 1 or the trace's top_k {trace.top_k}, got {args.k}")
     refs = [Trace.open(path) for path in args.compare]
     layers = _parse_layers(args.path_layers) if args.path_layers else None
     result = analyze(
@@ -673,6 +827,9 @@ def cmd_analyze(args) -> None:
         path_layers=layers,
         compare=refs[0] if len(refs) == 1 else refs or None,
         progress=sys.stderr.isatty(),
+        k=getattr(args, "k", None),
+        coactivation_pairs=getattr(args, "coactivation", "all"),
+        source=getattr(args, "source", "recorded"),
     )
     if args.json:
         print(json.dumps(result))
