@@ -440,7 +440,7 @@ def test_specialization_section_numbers(fake, page):
             cont = f"{np.mean([bool(set(ids[layer, t]) & set(ids[layer + 1, t])) for t in range(T)]):.3f}"
         row = rf"<td>{layer}</td>(<td>[^<]*</td>){{4}}<td>{cont}</td><td>{np.mean(best):.3f}</td>"
         assert re.search(row, spec)
-    assert "distinct routes" in spec and spec.count("<img") == 3
+    assert "distinct routes" in spec and spec.count("<img") == 5  # 2: cross-layer transitions
 
 
 def test_contextual_section_counts_targets_per_sense(fake, page):

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from moelab.errors import MoelabError
-from moelab.interp import structure
+from moelab.interp import structure, transitions
 from moelab.interp.trace_file import FORMAT as FORMAT  # re-exported: the format's name
 from moelab.interp.trace_file import Trace  # also re-exported: `from moelab.interp.metrics import Trace`
 
@@ -640,6 +640,7 @@ def analyze(
         ("paths", lambda: paths(trace, path_layers)),
         ("contextual", lambda: contextual(trace)),
         ("structure", lambda: structure.analysis(trace, results["load"], results["domains"])),
+        ("transitions", lambda: transitions.analysis(trace)),
     ] + [(f"saturation {i}", lambda ref=ref: saturation(trace, ref)) for i, ref in enumerate(refs)]
     results = {}
     bar = tqdm(steps, desc="analyze", unit="metric", disable=not progress, file=sys.stderr, leave=False)
@@ -681,6 +682,7 @@ def analyze(
         "expert_continuity_multi": results["multi-layer continuity"],
         "expert_continuity_all": results["continuity between all layers"],
         "paths": results["paths"],
+        "transitions": results["transitions"],
     }
     out["protocol"] = {
         "source": source,
@@ -767,6 +769,7 @@ def summary_table(result: dict, reference: str = "the reference") -> str:
             + "  ".join(f"s={s} {np.diagonal(sim, s).mean():.3f}" for s in range(1, len(sim)))
         )
     lines += structure.summary_lines(result)
+    lines += transitions.summary_lines(result)
     if "contextual" in result:
         lines += ["", "Contextual words (TIS / ICS per layer):"]
         for word, tis in result["contextual"]["tis"].items():

@@ -29,6 +29,7 @@ from moelab.interp.report.plots import (
 from moelab.interp.report.runs import Run, _final
 from moelab.interp.report.structure import CSS as _STRUCTURE_CSS
 from moelab.interp.report.structure import tree_section, width_balance, width_table
+from moelab.interp.report.transitions import transitions_section
 
 SECTIONS = (
     ("overview", "1. Overview"),
@@ -234,6 +235,7 @@ def _specialization(run: Run) -> str:
     out.append(
         _note("normalized entropy: route entropy / (layers · log2 E); 1 = uniform over all E^layers routes")
     )
+    out.append(transitions_section(run))
     out.append(width_table(run) + tree_section(run))
     return "".join(out)
 
