@@ -681,3 +681,40 @@ def test_renders_in_headless_chromium(page, tmp_path):
     image = Image.open(shot)
     assert image.size == (1280, 2000)
     assert len(np.unique(np.asarray(image.convert("L")))) > 50  # plots and text, not a blank page
+
+
+def test_balance_section_dead_experts_and_load_percentiles(fake, page, tmp_path):
+    """Lines with `dead_experts` / `load_pct` add a plot and a table of the last line; the fake run
+    without them (the `page` fixture) renders neither."""
+    assert "dead experts" not in section(page["html"], "balance").lower()
+    run = tmp_path / "dead"
+    run.mkdir()
+    shutil.copy(fake["run"] / "config.yaml", run)
+    rng = np.random.default_rng(5)
+    lines = []
+    for rec in fake["lines"]:
+        rec = json.loads(json.dumps(rec))
+        if rec["type"] == "train":
+            counts = np.array(rec["layers"]["counts"], float)
+            counts[:, : rng.integers(0, 3)] = 0  # 0-2 dead experts per line
+            share = counts / counts.sum(1, keepdims=True)
+            rec["layers"]["dead_experts"] = (counts == 0).sum(1).tolist()
+            rec["layers"]["load_pct"] = np.percentile(share, [0, 25, 50, 75, 100], axis=1).T.tolist()
+        lines.append(rec)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    m = report.read_metrics(run / "metrics.jsonl")
+    train = [r for r in lines if r["type"] == "train"]
+    steps, dead = m.layers["dead_experts"]
+    assert dead.shape == (20, L) and m.layers["load_pct"][1].shape == (20, L, 5)
+    np.testing.assert_array_equal(dead, [r["layers"]["dead_experts"] for r in train])
+    balance = section(
+        report.build_report(run, out=tmp_path / "r.html").read_text(encoding="utf-8"), "balance"
+    )
+    assert balance.count("<img") == 5 and 'alt="dead experts per layer"' in balance
+    last = train[-1]["layers"]
+    assert f"last logged window (step {train[-1]['step']}; balanced: {100 / E:.2f}% each)" in balance
+    rows = table_rows(balance)
+    for layer in range(L):
+        want = [str(last["dead_experts"][layer]), *(f"{100 * v:.2f}%" for v in last["load_pct"][layer])]
+        assert rows[str(layer)] == want
+    assert "<th>min</th><th>p25</th><th>median</th><th>p75</th><th>max</th>" in balance

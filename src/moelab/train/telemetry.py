@@ -3,8 +3,10 @@
 Per MoE layer: expert token counts, MaxVio = max(load)/mean(load) − 1, mean router entropy (nats)
 over real tokens, the range of the loss-free balancing bias, the RMS of the routing state where a
 model returns one (`RoutingInfo.extra["routing_state"]`, cross-layer routing), and, for models whose
-routed experts have unequal hidden widths, the load share of each width group. Model-level values
-come from an optional `model.telemetry()` (e.g. the cross-layer mixing weights α_l).
+routed experts have unequal hidden widths, the load share of each width group. Over the window of
+steps since the previous logged line: the number of dead experts (no tokens) and percentiles of the
+per-expert load share. Model-level values come from an optional `model.telemetry()` (e.g. the
+cross-layer mixing weights α_l).
 """
 
 from __future__ import annotations
@@ -22,6 +24,28 @@ def max_violation(counts: torch.Tensor) -> torch.Tensor:
     """counts: (L, E) -> (L,) max(load)/mean(load) − 1 (0 = perfectly balanced)."""
     counts = counts.float()
     return counts.max(dim=-1).values / counts.mean(dim=-1).clamp(min=1e-9) - 1.0
+
+
+LOAD_PERCENTILES = (0.0, 25.0, 50.0, 75.0, 100.0)
+
+
+def window_load_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts: (L, E) summed over a window -> (dead (L,), load_pct (L, P)), on device.
+
+    dead: experts with zero tokens; load_pct: the `LOAD_PERCENTILES` of each layer's per-expert load
+    share (count / layer total; 0 for a layer without assignments), linearly interpolated between the
+    sorted shares as numpy.percentile's default method does.
+    """
+    c = counts.float()
+    dead = (c == 0).sum(dim=-1).float()
+    share = c / c.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+    ordered = share.sort(dim=-1).values  # (L, E)
+    pos = torch.tensor(LOAD_PERCENTILES, device=c.device) / 100.0 * (c.shape[-1] - 1)  # (P,)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    frac = pos - lo.float()
+    low, high = ordered[:, lo], ordered[:, hi]  # (L, P)
+    return dead, low + (high - low) * frac
 
 
 def router_entropy(routing: list[RoutingInfo], valid: torch.Tensor | None) -> torch.Tensor:

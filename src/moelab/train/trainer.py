@@ -3,7 +3,8 @@
 One optimizer step = `grad_accum` micro-batches. After the step, the loss-free balancing biases
 move from the expert counts summed over those micro-batches (padding excluded). The numbers a
 step needs (loss terms, gradient norms, finiteness) come back in one host transfer; a logged step
-adds one more for all per-layer telemetry, so there are no per-expert host syncs.
+adds one more for all per-layer telemetry, so there are no per-expert host syncs. The step counts are
+also summed on device over the window since the previous logged line (dead experts, load percentiles).
 
 Under torchrun (train/distributed.py) every rank takes batch_size / world_size sequences of each
 micro-batch; after the micro-batches the gradients are averaged once, and one all-reduce carries the
@@ -59,6 +60,7 @@ from moelab.train.telemetry import (
     router_entropy,
     routing_state_rms,
     width_group_load,
+    window_load_stats,
 )
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     whole_step = global_scope and tc.grad_accum > 1
     expert_group = d.ep_group if d.ep > 1 else False
     record: dict = {}
+    window_counts = None  # (L, E) counts summed on device since the previous logged line
     model.train()
     with contextlib.ExitStack() as cleanup, _SignalGuard() as stop:
         cleanup.callback(loggers.close)
@@ -245,6 +248,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 sums = reduced[: sums.numel()] / d.world_size
                 step_counts = reduced[sums.numel() : -1].view(step_counts.shape)
                 n_tokens *= d.world_size
+            window_counts = step_counts.clone() if window_counts is None else window_counts + step_counts
             grad_norms = clip_grad_groups(model, tc.clip_experts, tc.clip_rest, expert_group)
             finite = torch.isfinite(sums).all() & torch.isfinite(grad_norms).all()
             # one host transfer for the scalars every step needs (loss, norms, finiteness)
@@ -291,25 +295,30 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                     step_time_s=dt,
                 )
                 bias = balance_bias_range(model).to(step_counts.device)  # (L, 2)
+                dead, load_pct = window_load_stats(window_counts)  # (L,), (L, P) over the window
+                window_counts = None
                 columns = [step_counts, max_violation(step_counts)[:, None], entropy[:, None], bias]
+                columns += [dead[:, None], load_pct]
                 if state_rms is not None:
                     columns.append(state_rms[:, None])
-                table = torch.cat(columns, dim=1)  # (L, E + 4 [+ 1])
+                table = torch.cat(columns, dim=1)  # (L, E + 5 + P [+ 1])
                 extras = model_telemetry(model)  # {name: (n,)}
                 if width_groups is not None:  # (L, G) load share per width group
                     extras = {"width_load": width_group_load(step_counts, width_groups).flatten(), **extras}
                 flat = torch.cat([table.flatten(), *(v.to(table.device) for v in extras.values())])
                 flat = flat.tolist()  # one more host transfer for all of it
-                L, C, E = table.shape[0], table.shape[1], step_counts.shape[1]
+                L, C, E, P = table.shape[0], table.shape[1], step_counts.shape[1], load_pct.shape[1]
                 per_layer = [flat[i * C : (i + 1) * C] for i in range(L)]
                 record["layers"] = {
                     "counts": [[int(c) for c in row[:E]] for row in per_layer],
                     "max_vio": [row[E] for row in per_layer],
                     "router_entropy": [row[E + 1] for row in per_layer],
                     "bias_range": [row[E + 2 : E + 4] for row in per_layer],
+                    "dead_experts": [int(row[E + 4]) for row in per_layer],
+                    "load_pct": [row[E + 5 : E + 5 + P] for row in per_layer],
                 }
                 if state_rms is not None:
-                    record["layers"]["routing_state_rms"] = [row[E + 4] for row in per_layer]
+                    record["layers"]["routing_state_rms"] = [row[E + 5 + P] for row in per_layer]
                 at = L * C
                 if width_groups is not None:
                     G = len(width_groups.widths)

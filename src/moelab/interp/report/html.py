@@ -174,6 +174,7 @@ def _balance(run: Run) -> str:
     elif not run.cfg("moe.lflb", False):
         out.append(_note("loss-free balancing is off (<code>moe.lflb: false</code>): no balancing biases"))
     out.append(width_balance(run))
+    out.append(_window_load(m))
     if "router_entropy" in m.layers:
         title = "Router entropy per layer (uniform router = ln E)"
         out.append(
@@ -190,6 +191,40 @@ def _balance(run: Run) -> str:
         out.append(_table(headers, [row], cls="compact"))
     else:
         out.append(_note("no validation line with <code>max_vio_global</code> yet"))
+    return "".join(out)
+
+
+_PCT_NAMES = {0: "min", 50: "median", 100: "max"}
+
+
+def _window_load(m) -> str:
+    """Dead experts per layer over training and the last logged window's load-share percentiles, for runs
+    whose metrics.jsonl has `layers.dead_experts` / `layers.load_pct`; "" for others."""
+    out = []
+    if "dead_experts" in m.layers:
+        title = "Dead experts per layer: experts with no tokens since the previous logged line"
+        out.append(
+            _img("dead experts per layer", _draw_layer_lines, m.layers["dead_experts"], title, "experts")
+        )
+    layers = (m.last_train or {}).get("layers") or {}
+    try:
+        dead = np.asarray(layers["dead_experts"], dtype=np.float64)  # (L,)
+        pct = np.asarray(layers["load_pct"], dtype=np.float64)  # (L, P)
+        E = np.asarray(layers["counts"]).shape[1]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "".join(out)
+    if dead.ndim != 1 or pct.ndim != 2 or len(dead) != len(pct) or pct.shape[1] < 2 or E < 1:
+        return "".join(out)
+    qs = np.linspace(0, 100, pct.shape[1])  # the trainer's percentiles are evenly spaced
+    headers = ["layer", "dead experts", *(_PCT_NAMES.get(q, f"p{q:g}") for q in qs)]
+    rows = [
+        [str(i), f"{d:.0f}", *(f"{100 * v:.2f}%" for v in row)] for i, (d, row) in enumerate(zip(dead, pct))
+    ]
+    out.append(
+        f"<h4>Load share per expert, percentiles over the last logged window (step {m.last_train['step']};"
+        f" balanced: {100 / E:.2f}% each)</h4>"
+    )
+    out.append(_table(headers, rows, cls="compact"))
     return "".join(out)
 
 

@@ -82,6 +82,7 @@ class Metrics:
     train: dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (steps (n,), values (n,))
     layers: dict[str, tuple[np.ndarray, np.ndarray]]  # load (n, L, E), max_vio (n, L), bias_range (n, L, 2),
     # width_load (n, L, G) for mixed expert widths (the widths: last_train["width_groups"])
+    # dead_experts (n, L), load_pct (n, L, P): over each line's window, when logged
     val: list[dict]
     last_train: dict | None
     nonfinite: int
@@ -104,7 +105,7 @@ def read_metrics(path: str | Path) -> Metrics:
     """Parse a run's metrics.jsonl; lines that are not JSON objects with a step are counted and skipped."""
     scalars: dict[str, tuple[list, list]] = {}
     bins = {"load": _Binned(HEATMAP_BINS)}
-    per_layer = ("max_vio", "router_entropy", "bias_range", "width_load")
+    per_layer = ("max_vio", "router_entropy", "bias_range", "width_load", "dead_experts", "load_pct")
     bins.update({key: _Binned(LINE_BINS) for key in per_layer})
     val, last_train, nonfinite, unreadable = [], None, 0, 0
     with open(path, encoding="utf-8", errors="replace") as fh:
