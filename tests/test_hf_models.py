@@ -233,3 +233,19 @@ def test_missing_weights_is_a_user_error(transformers, tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(MoelabError, match="could not load"):
         load_hf_moe(tmp_path)
+
+
+def test_trace_router_predicts_the_argmax(family):
+    """`moelab trace --predictions` on a transformers folder: the router's predicted ids are the argmax of
+    a plain forward's logits, and its routing equals the routing-only run's."""
+    from moelab.interp.trace import open_router
+
+    _, model, path, _ = family
+    x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    router = open_router(path, device="cpu")
+    routing, predicted = router.predict(x, None)
+    with torch.no_grad():
+        want = model(x).logits.argmax(-1)
+    assert torch.equal(predicted, want)
+    for a, b in zip(routing, router.route(x, None), strict=True):
+        assert torch.equal(a.topk_ids, b.topk_ids)

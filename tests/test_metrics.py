@@ -540,3 +540,104 @@ def test_cli_analyze(tmp_path, capsys):
 
     assert main(["analyze", str(directory), "--path-layers", "x"]) == 2
     assert "moelab: error: --path-layers" in capsys.readouterr().err
+
+
+def make_prediction_trace(seed=3, T=200, vocab=15):
+    """make_trace's arrays plus predicted_ids and next_ids (-1 at each 20-token document's end)."""
+    a = make_arrays(seed, T=T, vocab=vocab)
+    rng = np.random.default_rng(seed + 1)
+    nxt = np.append(a["token_ids"][1:], -1).astype(np.int32)
+    nxt[19::20] = -1
+    predicted = rng.integers(0, vocab + 3, T).astype(np.int32)
+    for key in ("context_word", "context_sense", "context_target"):
+        a.pop(key)
+    return Trace.from_arrays(
+        **a,
+        domain_names=DOMAINS,
+        n_experts=a["router_probs"].shape[-1],
+        predicted_ids=predicted,
+        next_ids=nxt,
+    )
+
+
+@pytest.mark.parametrize("key", ["input", "next", "predicted"])
+@pytest.mark.parametrize("min_count", [1, 12])
+def test_vocab_specialization_by_key_matches_loop(chunked, key, min_count):
+    trace = make_prediction_trace()
+    S, E, k = sets(trace), trace.n_experts, trace.top_k
+    labels = {"input": trace.token_ids, "next": trace.next_ids, "predicted": trace.predicted_ids}[key]
+    got = metrics.vocab_specialization(trace, min_count=min_count, key=key)
+    occurrences = {}
+    for t, tok in enumerate(labels):
+        if tok >= 0:  # -1: no next token
+            occurrences.setdefault(int(tok), []).append(t)
+    eligible = [tok for tok, ts in occurrences.items() if len(ts) >= min_count]
+    assert eligible
+    for l in range(trace.n_layers):
+        maxima = [
+            max(sum(e in S[l][t] for t in occurrences[tok]) / len(occurrences[tok]) for e in range(E))
+            for tok in eligible
+        ]
+        raw = sum(maxima) / len(maxima)
+        assert got["raw"][l] == pytest.approx(raw, abs=1e-12)
+        assert got["normalized"][l] == pytest.approx((raw - k / E) / (1 - k / E), abs=1e-12)
+    ids, shares = metrics.vocab_shares(trace, 2, min_count, key=key)
+    assert sorted(ids.tolist()) == sorted(eligible)
+
+
+def test_vocab_specialization_by_key_errors_and_missing_arrays():
+    plain = make_trace(contextual=False)
+    assert np.isnan(metrics.vocab_specialization(plain, 5, key="next")["raw"]).all()
+    with pytest.raises(MoelabError, match="--predictions"):
+        metrics.vocab_shares(plain, 0, 5, key="predicted")
+    with pytest.raises(MoelabError, match="key must be one of"):
+        metrics.vocab_specialization(plain, 5, key="output")
+    a = make_arrays()
+    with pytest.raises(MoelabError, match="go together"):
+        Trace.from_arrays(topk_ids=a["topk_ids"], token_ids=a["token_ids"], next_ids=a["token_ids"])
+
+
+def test_analyze_vocab_by_key_only_with_predictions(tmp_path, capsys):
+    plain = make_trace(contextual=False)
+    old = metrics.analyze(plain, min_count=5)
+    assert "vocab_specialization_by_key" not in old
+    assert "true next / predicted" not in metrics.summary_table(old)
+    trace = make_prediction_trace()
+    # same routing and token ids without the prediction arrays: every other key is unchanged
+    bare = Trace.from_arrays(
+        **{key: getattr(trace, key) for key in ("topk_ids", "token_ids", "doc_ids", "positions", "domains",
+                                                 "topk_weights", "router_probs")},
+        domain_names=DOMAINS, n_experts=trace.n_experts,
+    )  # fmt: skip
+    result, before = metrics.analyze(trace, min_count=5), metrics.analyze(bare, min_count=5)
+    by_key = result.pop("vocab_specialization_by_key")
+    assert result == before
+    for key in ("next", "predicted"):
+        want = metrics.vocab_specialization(trace, 5, key=key)
+        assert set(by_key[key]) == {"raw", "normalized"}
+        np.testing.assert_allclose(by_key[key]["raw"], want["raw"])
+        np.testing.assert_allclose(by_key[key]["normalized"], want["normalized"])
+    json.dumps(by_key)
+    assert "by input / true next / predicted next token" in metrics.summary_table(
+        {**result, "vocab_specialization_by_key": by_key}
+    )
+    # k=1 keys the first expert only, as the other specialization metrics
+    top1 = metrics.analyze(trace, min_count=5, k=1)["vocab_specialization_by_key"]["next"]["raw"]
+    np.testing.assert_allclose(
+        top1, metrics.vocab_specialization(metrics.top1_view(trace), 5, key="next")["raw"]
+    )
+    # through a trace directory: meta.json declares the arrays and Trace.open checks them
+    directory = tmp_path / "t"
+    directory.mkdir()
+    for key in ("topk_ids", "token_ids", "doc_ids", "positions", "domains", "topk_weights", "router_probs",
+                "predicted_ids", "next_ids"):  # fmt: skip
+        np.save(directory / f"{key}.npy", np.asarray(getattr(trace, key)))
+    (directory / "meta.json").write_text(json.dumps(trace.meta))
+    opened = Trace.open(directory)
+    assert np.array_equal(opened.next_ids, trace.next_ids)
+    np.save(directory / "next_ids.npy", np.asarray(trace.next_ids, dtype=np.int64))
+    with pytest.raises(MoelabError, match="next_ids.npy holds int64"):
+        Trace.open(directory)
+    (directory / "next_ids.npy").unlink()
+    with pytest.raises(MoelabError, match="next_ids.npy is missing"):
+        Trace.open(directory)

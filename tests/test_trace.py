@@ -207,3 +207,60 @@ def test_trace_records_expert_widths_and_tree_shape(workspace, tmp_path):
     from moelab.interp.metrics import Trace, analyze
 
     assert analyze(Trace.open(out))["tree"]["paths"][0]["routed"] == 30
+
+
+def test_trace_predictions_match_the_model(workspace, tmp_path):
+    """--predictions: predicted_ids = argmax of a plain forward's logits, next_ids = the input shifted
+    within each window (-1 at a window's last token); contextual samples end at their last real token."""
+    out = trace_mod.trace(workspace["ckpt"], tmp_path / "t", data=workspace["tokens"], max_tokens=60,
+                          batch_size=2, predictions=True, progress=False)  # fmt: skip
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["has_predictions"] is True
+    tokens = np.asarray(load(out, "token_ids"))
+    predicted, nxt = load(out, "predicted_ids"), load(out, "next_ids")
+    assert predicted.dtype == np.int32 and nxt.dtype == np.int32 and predicted.shape == nxt.shape == (60,)
+    model = workspace["model"]
+    for start in range(0, 60, 24):  # windows of 24, 24 and 12
+        window = tokens[start : start + 24]
+        with torch.no_grad():
+            logits = model(torch.from_numpy(window.astype(np.int64))[None]).logits[0]
+        assert np.array_equal(predicted[start : start + len(window)], logits.argmax(-1).numpy())
+        assert np.array_equal(nxt[start : start + len(window)], np.append(window[1:], -1))
+    # the routing is the same as without --predictions (the LM head hook does not change the rest)
+    plain = trace_mod.trace(workspace["ckpt"], tmp_path / "plain", data=workspace["tokens"], max_tokens=60,
+                            batch_size=2, progress=False)  # fmt: skip
+    assert np.array_equal(load(plain, "topk_ids"), load(out, "topk_ids"))
+    assert not (plain / "predicted_ids.npy").exists()
+    assert json.loads((plain / "meta.json").read_text())["has_predictions"] is False
+    from moelab.interp.metrics import Trace, analyze
+
+    result = analyze(Trace.open(out), min_count=2)
+    assert set(result["vocab_specialization_by_key"]) == {"next", "predicted"}
+    assert "vocab_specialization_by_key" not in analyze(Trace.open(plain), min_count=2)
+
+
+def test_trace_predictions_contextual_padding(workspace, tmp_path):
+    out = trace_mod.trace(workspace["ckpt"], tmp_path / "c", contextual=True, batch_size=5,
+                          predictions=True, progress=False)  # fmt: skip
+    tokens, docs = np.asarray(load(out, "token_ids")), np.asarray(load(out, "doc_ids"))
+    predicted, nxt = np.asarray(load(out, "predicted_ids")), np.asarray(load(out, "next_ids"))
+    model = workspace["model"]
+    for doc in np.unique(docs)[:4]:
+        sample = tokens[docs == doc]
+        with torch.no_grad():
+            logits = model(torch.from_numpy(sample.astype(np.int64))[None]).logits[0]
+        assert np.array_equal(predicted[docs == doc], logits.argmax(-1).numpy())
+        assert np.array_equal(nxt[docs == doc], np.append(sample[1:], -1))
+
+
+def test_cli_trace_predictions(workspace, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["trace", str(workspace["ckpt"]), "--data", str(workspace["tokens"]), "--max-tokens", "30",
+                 "--predictions", "--out", str(out)]) == 0  # fmt: skip
+    assert (out / "predicted_ids.npy").is_file() and (out / "next_ids.npy").is_file()
+    capsys.readouterr()
+    assert main(["analyze", str(out), "--json", "--min-count", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["vocab_specialization_by_key"]["next"]["raw"]) == 3
+    assert main(["analyze", str(out), "--min-count", "2"]) == 0
+    assert "true next / predicted next token" in capsys.readouterr().out

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moelab.demo import finished, prepare_data, step, trace_commands
+from moelab.interp.nulls import permuted as permuted  # the permuted-routes baseline (one implementation)
 from moelab.interp.structure import TOP_PATHS
 
 CONFIGS = Path("configs/compare")
@@ -82,35 +83,6 @@ def trace_metrics(data, ctx) -> dict:
         "domain_lift": domain_lift(data),
         "contextual": metrics.analyze(ctx).get("contextual"),
     }
-
-
-def permuted(trace, seed: int = 0):
-    """The random baseline of every metric in the table, for any architecture: the same trace with each
-    layer's expert sets dealt to the tokens at random (an independent permutation per layer). Loads, set
-    sizes and tree paths stay as the model made them; any link between a token (its identity, domain,
-    sense, or its experts at other layers) and its experts is gone."""
-    from moelab.interp.trace_file import Trace
-
-    rng = np.random.default_rng(seed)
-    ids = np.asarray(trace.topk_ids)  # (L, T, k)
-    shuffled = np.stack([layer[rng.permutation(trace.n_tokens)] for layer in ids])
-    ctx = trace.meta.get("contextual")
-    extra = {key: trace.meta[key] for key in ("tree", "expert_widths") if key in trace.meta}
-    return Trace.from_arrays(
-        shuffled,
-        token_ids=trace.token_ids,
-        doc_ids=trace.doc_ids,
-        positions=trace.positions,
-        domains=trace.domains,
-        domain_names=trace.domain_names,
-        n_experts=trace.n_experts,
-        contextual=None if ctx is None else {key: ctx[key] for key in ("words", "token_ids", "senses")},
-        context_word=trace.context_word,
-        context_sense=trace.context_sense,
-        context_target=trace.context_target,
-        name=f"{trace.name} (permuted)",
-        meta=extra,
-    )
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""`moelab trace | analyze | ablate | report`: argument parsing only; work happens in the modules."""
+"""`moelab trace | lens | analyze | ablate | report`: argument parsing only; work happens in the modules."""
 
 from __future__ import annotations
 
@@ -26,17 +26,39 @@ def add_commands(sub, add) -> None:
     p.add_argument("--seq-len", type=int, default=0, help="window length (default: the model's data.seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--router-probs", action="store_true", help="also store router_probs (L, T, E) float16")
+    p.add_argument(
+        "--predictions",
+        action="store_true",
+        help="also store predicted_ids (argmax of the logits) and next_ids (true next token, -1 = none)",
+    )
     p.add_argument("--out", required=True, help="trace directory to write")
     p.set_defaults(func=_lazy("trace", "cmd_trace"))
+
+    p = add(
+        sub,
+        "lens",
+        "Expert logit lens: the tokens each routed expert's mean output promotes and suppresses "
+        "(lm_head(norm(mean))) on tokenized data.",
+        "moelab lens runs/demo --data data/demo/tokens --max-tokens 100000 --out runs/demo/lens.json",
+    )
+    p.add_argument("run", help="moelab run or checkpoint directory")
+    p.add_argument("--data", required=True, help="tokenized data directory (moelab data tokenize)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-tokens", type=int, default=0, help="stop after N tokens (0 = the whole split)")
+    p.add_argument("--top", type=int, default=10, help="promoted and suppressed tokens per expert")
+    p.add_argument("--seq-len", type=int, default=0, help="window length (default: the model's data.seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="JSON file to write (default: RUN/lens.json)")
+    p.set_defaults(func=_lazy("lens", "cmd_lens"))
 
     p = add(
         sub,
         "analyze",
         "Specialization metrics of a trace: load, MaxVio, co-activation, domain/vocab specialization, "
         "continuity, paths, contextual TIS/ICS, router saturation.",
-        "moelab analyze traces/demo --json",
+        "moelab analyze traces/demo --json   |   moelab analyze runs/demo --saturation",
     )
-    p.add_argument("trace", help="trace directory (moelab trace)")
+    p.add_argument("trace", help="trace directory (moelab trace), or a run directory with --saturation")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument(
         "--compare", nargs="+", default=[], help="reference trace(s) of the same tokens: saturation"
@@ -62,6 +84,28 @@ def add_commands(sub, add) -> None:
         choices=["recorded", "preferred"],
         default="recorded",
         help="recorded top-k (default) or the top-k of router_probs (traces made with --router-probs)",
+    )
+    p.add_argument(
+        "--saturation",
+        action="store_true",
+        help="TRACE is a run dir: trace the same tokens through every kept checkpoint and write "
+        "RUN/saturation.json and RUN/saturation.png (saturation vs the final checkpoint)",
+    )
+    p.add_argument("--data", default=None, help="--saturation: tokenized data (default: the run's data.path)")
+    p.add_argument("--split", default=None, help="--saturation: split (default: the run's data.val_split)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="--saturation: tokens traced per checkpoint (default 20000)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="--saturation: tracing batch size")
+    p.add_argument(
+        "--nulls",
+        type=int,
+        default=0,
+        metavar="R",
+        help="null baselines: mean ± std of the headline metrics over R seeded shuffles (default 0 = off)",
     )
     p.set_defaults(func=_lazy("metrics", "cmd_analyze"))
 

@@ -234,38 +234,56 @@ def domain_specialization(trace: Trace) -> dict[str, np.ndarray]:
     return {name: shares[:, d] for d, name in enumerate(names) if sizes[d] > 0}
 
 
-def _vocab_groups(trace: Trace, min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids seen >= min_count times, their counts, (T,) group of each token: its id's rank or -1)."""
+VOCAB_KEYS = {"input": "token_ids", "next": "next_ids", "predicted": "predicted_ids"}
+
+
+def _vocab_groups(
+    trace: Trace, min_count: int, key: str = "input"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids seen >= min_count times, their counts, (T,) group of each token: its id's rank or -1).
+    key: which id labels a token: "input" (token_ids), "next" (next_ids; -1 = none, left out) or
+    "predicted" (predicted_ids)."""
     if min_count < 1:
         raise MoelabError(f"min_count must be >= 1, got {min_count}")
-    if trace.token_ids is None:
-        raise MoelabError(f"{trace.name} has no token_ids")
-    tokens = np.asarray(trace.token_ids, dtype=np.int64)
-    if tokens.min() < 0:
-        raise MoelabError(f"{trace.name}: token_ids.npy holds negative ids; re-run `moelab trace`")
-    counts = np.bincount(tokens)
+    if key not in VOCAB_KEYS:
+        raise MoelabError(f"key must be one of {tuple(VOCAB_KEYS)}, got {key!r}")
+    array = VOCAB_KEYS[key]
+    if getattr(trace, array) is None:
+        hint = "" if key == "input" else "; record it with `moelab trace --predictions`"
+        raise MoelabError(f"{trace.name} has no {array}{hint}")
+    tokens = np.asarray(getattr(trace, array), dtype=np.int64)
+    if tokens.min() < (0 if key == "input" else -1):
+        raise MoelabError(f"{trace.name}: {array}.npy holds negative ids; re-run `moelab trace`")
+    counts = np.bincount(tokens[tokens >= 0], minlength=1)
     ids = np.flatnonzero(counts >= min_count)
     rank = np.full(counts.shape[0], -1, dtype=np.int64)
     rank[ids] = np.arange(ids.shape[0])
-    return ids, counts[ids], rank[tokens]
+    return ids, counts[ids], np.where(tokens >= 0, rank[np.maximum(tokens, 0)], -1)
 
 
-def vocab_shares(trace: Trace, layer: int, min_count: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def vocab_shares(
+    trace: Trace, layer: int, min_count: int = 10, key: str = "input"
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids seen >= min_count times (V',) and (V', E): the share of each id's occurrences whose
-    top-k set at `layer` includes each expert. The rows behind vocab_specialization and expert cards."""
-    ids, counts, groups = _vocab_groups(trace, min_count)
+    top-k set at `layer` includes each expert (key: as in vocab_specialization). The rows behind
+    vocab_specialization and expert cards."""
+    ids, counts, groups = _vocab_groups(trace, min_count, key)
     (per_id,) = _group_expert_counts(trace, layer, [(groups, ids.shape[0])])
     return ids, per_id / counts[:, None]
 
 
-def vocab_specialization(trace: Trace, min_count: int = 10) -> dict:
+def vocab_specialization(trace: Trace, min_count: int = 10, key: str = "input") -> dict:
     """{"raw": (L,), "normalized": (L,), "min_count"}: raw = mean over ids seen >= min_count times of
     max_e (share of the id's occurrences routed to e); normalized = (raw - k/E) / (1 - k/E).
-    NaN where no id qualifies (or without token_ids)."""
+    key: the id a token is grouped by: "input" (its own id), "next" (the true next token; tokens with
+    none are left out) or "predicted" (the model's argmax); the last two need a trace recorded with
+    `moelab trace --predictions`. NaN where no id qualifies (or without the key's array)."""
     L, E, k = trace.n_layers, trace.n_experts, trace.top_k
     raw = np.full(L, np.nan)
-    if trace.token_ids is not None:
-        ids, counts, groups = _vocab_groups(trace, min_count)
+    if key not in VOCAB_KEYS:
+        raise MoelabError(f"key must be one of {tuple(VOCAB_KEYS)}, got {key!r}")
+    if getattr(trace, VOCAB_KEYS[key]) is not None:
+        ids, counts, groups = _vocab_groups(trace, min_count, key)
         if ids.shape[0]:
             for layer in range(L):
                 (per_id,) = _group_expert_counts(trace, layer, [(groups, ids.shape[0])])
@@ -523,7 +541,14 @@ def _view(trace: Trace, topk_ids: _LazyIds, name: str) -> Trace:
     arrays.update(
         {
             key: getattr(trace, key)
-            for key in ("router_probs", "context_word", "context_sense", "context_target")
+            for key in (
+                "router_probs",
+                "context_word",
+                "context_sense",
+                "context_target",
+                "predicted_ids",
+                "next_ids",
+            )
         }
     )
     arrays["topk_ids"] = topk_ids
@@ -575,6 +600,15 @@ def preferred_differs(trace: Trace) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- the whole analysis
 
 
+def _vocab_by_key(trace: Trace, min_count: int) -> dict | None:
+    """{"next": {"raw", "normalized"}, "predicted": {...}} (vocab_specialization by the true and the
+    predicted next token), or None for a trace without predicted_ids/next_ids."""
+    if trace.predicted_ids is None or trace.next_ids is None:
+        return None
+    by_key = {key: vocab_specialization(trace, min_count, key) for key in ("next", "predicted")}
+    return {key: {"raw": v["raw"], "normalized": v["normalized"]} for key, v in by_key.items()}
+
+
 def _plain(x):
     """numpy values -> JSON values: lists, ints, floats, NaN -> None."""
     if isinstance(x, dict):
@@ -599,6 +633,8 @@ def analyze(
     k: int | None = None,
     coactivation_pairs: str = "all",
     source: str = "recorded",
+    nulls: int = 0,
+    seed: int = 0,
 ) -> dict:
     """Every metric of `trace` as a JSON-ready dict (the structure `moelab analyze --json` prints).
 
@@ -610,9 +646,14 @@ def analyze(
     recorded one.
 
     Layer rows get "width_load" for traces with mixed expert widths, the result gets "tree" for tree
-    traces (moelab.interp.structure); "contextual" is present for contextual traces only, "saturation"
+    traces (moelab.interp.structure); "vocab_specialization_by_key" ({"next", "predicted"}: vocabulary
+    specialization keyed on the true and the predicted next token) for traces recorded with
+    `moelab trace --predictions` only; "contextual" is present for contextual traces only, "saturation"
     only with `compare`: one reference gives {"top1", "topk"}; several give a list of {"reference",
     "top1", "topk"}.
+
+    `nulls=R` > 0 adds "nulls": the headline numbers with their permutation and label-shuffle null
+    baselines over R shuffles seeded by `seed` (moelab.interp.nulls.baselines); 0 leaves it out.
     """
     from tqdm import tqdm
 
@@ -634,6 +675,7 @@ def analyze(
         ("co-activation", lambda: coactivation(trace, coactivation_pairs)),
         ("domains", lambda: domain_specialization(specialized)),
         ("vocabulary", lambda: vocab_specialization(specialized, min_count)),
+        ("vocabulary by key", lambda: _vocab_by_key(specialized, min_count)),
         ("continuity", lambda: expert_continuity_next(trace)),
         ("multi-layer continuity", lambda: expert_continuity_multi(trace)),
         ("continuity between all layers", lambda: expert_continuity_all(trace)),
@@ -698,11 +740,17 @@ def analyze(
         out["tree"] = shape["tree"]
     if results["contextual"] is not None:
         out["contextual"] = results["contextual"]
+    if results["vocabulary by key"] is not None:
+        out["vocab_specialization_by_key"] = results["vocabulary by key"]
     saturations = [results[f"saturation {i}"] for i in range(len(refs))]
     if len(refs) == 1:
         out["saturation"] = saturations[0]
     elif refs:
         out["saturation"] = [{"reference": ref.name, **sat} for ref, sat in zip(refs, saturations)]
+    if nulls:  # null baselines of the headline numbers (moelab.interp.nulls; docs/METRICS.md)
+        from moelab.interp import nulls as null_baselines
+
+        out["nulls"] = null_baselines.baselines(trace, nulls, seed, min_count, path_layers, k)
     return _plain(out)
 
 
@@ -768,8 +816,25 @@ def summary_table(result: dict, reference: str = "the reference") -> str:
             "Effective-router similarity with the layer s above (mean cosine over experts): "
             + "  ".join(f"s={s} {np.diagonal(sim, s).mean():.3f}" for s in range(1, len(sim)))
         )
+    by_key = result.get("vocab_specialization_by_key")
+    if by_key:
+        lines.append(
+            "Normalised vocab specialization per layer by input / true next / predicted next token: "
+            + "  ".join(
+                f"{_fmt(a)}/{_fmt(b)}/{_fmt(c)}"
+                for a, b, c in zip(
+                    (row["vocab_specialization"]["normalized"] for row in result["layers"]),
+                    by_key["next"]["normalized"],
+                    by_key["predicted"]["normalized"],
+                )
+            )
+        )
     lines += structure.summary_lines(result)
     lines += transitions.summary_lines(result)
+    if "nulls" in result:
+        from moelab.interp import nulls as null_baselines
+
+        lines += null_baselines.summary_lines(result)
     if "contextual" in result:
         lines += ["", "Contextual words (TIS / ICS per layer):"]
         for word, tis in result["contextual"]["tis"].items():
@@ -811,7 +876,15 @@ def _parse_layers(text: str) -> tuple[int, int]:
 
 def cmd_analyze(args) -> None:
     """`moelab analyze TRACE [--json] [--compare REF ...] [--min-count N] [--path-layers FIRST:LAST]
-    [--k 1] [--coactivation all|adjacent] [--source recorded|preferred]`."""
+    [--k 1] [--coactivation all|adjacent] [--source recorded|preferred]`, or
+    `moelab analyze RUN --saturation` (moelab.interp.saturation_series)."""
+    if getattr(args, "saturation", False):
+        from moelab.interp.saturation_series import cmd_saturation
+
+        return cmd_saturation(args)
+    for flag in ("data", "split", "max_tokens"):
+        if getattr(args, flag, None) is not None:
+            raise MoelabError(f"--{flag.replace('_', '-')} only applies with --saturation")
     if args.min_count < 1:
         raise MoelabError(f"--min-count must be >= 1, got {args.min_count}")
     trace = Trace.open(args.trace)
@@ -833,6 +906,7 @@ def cmd_analyze(args) -> None:
         k=getattr(args, "k", None),
         coactivation_pairs=getattr(args, "coactivation", "all"),
         source=getattr(args, "source", "recorded"),
+        nulls=getattr(args, "nulls", 0),
     )
     if args.json:
         print(json.dumps(result))

@@ -50,6 +50,8 @@ class Router:
     router_similarity: list | None = None  # (L, L) effective-router similarity, models that expose it
     expert_widths: list | None = None  # (L, E) hidden width of each routed expert, when they differ
     tree: dict | None = None  # {"branches", "depth"} of tree-routed models
+    # predict(input_ids, attention_mask) -> (routing, (B, N) argmax of the logits at every position)
+    predict: object | None = None
 
 
 def open_router(path: str | Path, device: str | torch.device | None = None) -> Router:
@@ -64,6 +66,7 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
         max_pos = int(getattr(hf.config, "max_position_embeddings", 2048) or 2048)
         return Router(
             route=lambda ids, mask: hf.route(ids, mask, with_logits=False)[1],
+            predict=lambda ids, mask: _argmax_last(*reversed(hf.route(ids, mask, with_logits=True))),
             n_layers=hf.n_layers,
             n_experts=hf.n_experts,
             top_k=hf.top_k,
@@ -81,14 +84,27 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
     ckpt = resolve_checkpoint(path)
     model = load(ckpt, device=device)
     precision = autocast_for(model.config.train, device)  # as trained: bf16 autocast on GPU
+    full_head = [False]  # set while `predict` runs: the LM head then sees every position
     if isinstance(getattr(model, "lm_head", None), torch.nn.Module):
         # routing needs no logits: let the LM head see only the last position ((B, N, V) is large)
-        model.lm_head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
+        model.lm_head.register_forward_pre_hook(
+            lambda _module, args: None if full_head[0] else (args[0][:, -1:],)
+        )
 
     @torch.no_grad()
     def route(ids, mask):
         with precision:
             return model(ids, attention_mask=mask).routing
+
+    @torch.no_grad()
+    def predict(ids, mask):
+        full_head[0] = True
+        try:
+            with precision:
+                out = model(ids, attention_mask=mask)
+        finally:
+            full_head[0] = False
+        return _argmax_last(out.routing, out.logits)
 
     step = re.fullmatch(r"step-(\d+)", ckpt.name)
     cfg = model.config
@@ -109,7 +125,15 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
         router_similarity=_router_similarity(model),
         expert_widths=expert_widths(model),
         tree=_tree(cfg.model),
+        predict=predict,
     )
+
+
+def _argmax_last(routing, logits: torch.Tensor):
+    """(routing, (B, N) argmax of (B, N, V) logits over the vocabulary)."""
+    if logits is None or logits.dim() != 3:
+        raise MoelabError("--predictions needs the model's logits at every position; this model gave none")
+    return routing, logits.argmax(dim=-1)
 
 
 def _tree(model_cfg) -> dict | None:
@@ -209,13 +233,35 @@ def contextual_chunks(samples: list, batch_size: int, pad_id: int):
 # ----------------------------------------------------------------------------- writing
 
 
+def _next_and_predicted(chunk: Chunk, predicted: torch.Tensor, valid: torch.Tensor | None):
+    """(n_real,) next_ids and predicted_ids of a chunk's real tokens: the next real token of the same
+    row (-1 after a row's last real token) and the argmax the model gave at each position."""
+    ids = chunk.input_ids.cpu()
+    mask = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.cpu().reshape(ids.shape)
+    nxt = torch.full_like(ids, -1)
+    # rows are right-padded (contextual) or unpadded (windows): a real token's successor is real or padding
+    has_next = mask[:, :-1] & mask[:, 1:]
+    nxt[:, :-1] = torch.where(has_next, ids[:, 1:], torch.full_like(ids[:, 1:], -1))
+    keep = mask.reshape(-1)
+    pred = predicted.reshape(-1).cpu()
+    return nxt.reshape(-1)[keep].numpy(), pred[keep].numpy()
+
+
 class TraceWriter:
     """Pre-sized .npy files filled chunk by chunk (np.lib.format.open_memmap)."""
 
     def __init__(
-        self, directory: Path, n_tokens: int, router: Router, router_probs: bool, contextual: bool, k: int
+        self,
+        directory: Path,
+        n_tokens: int,
+        router: Router,
+        router_probs: bool,
+        contextual: bool,
+        k: int,
+        predictions: bool = False,
     ):
-        """k: the columns of topk_ids (top_k, or top_k · depth for a tree router's distinct experts)."""
+        """k: the columns of topk_ids (top_k, or top_k · depth for a tree router's distinct experts);
+        predictions: also predicted_ids and next_ids (T,) int32 (`add` then needs the predicted ids)."""
         L, T, E = router.n_layers, n_tokens, router.n_experts
         shapes = {
             "token_ids": ((T,), np.int32),
@@ -227,6 +273,8 @@ class TraceWriter:
         }
         if router_probs:
             shapes["router_probs"] = ((L, T, E), np.float16)
+        if predictions:
+            shapes.update(predicted_ids=((T,), np.int32), next_ids=((T,), np.int32))
         if contextual:
             shapes.update(
                 context_word=((T,), np.int16), context_sense=((T,), np.int16), context_target=((T,), np.bool_)
@@ -237,8 +285,9 @@ class TraceWriter:
         }
         self.filled = 0
 
-    def add(self, chunk: Chunk, routing: list[RoutingInfo]) -> int:
-        """Write the real tokens of a chunk; returns how many."""
+    def add(self, chunk: Chunk, routing: list[RoutingInfo], predicted: torch.Tensor | None = None) -> int:
+        """Write the real tokens of a chunk (predicted: (B, N) argmax ids, with predictions); returns
+        how many."""
         valid = None if chunk.attention_mask is None else chunk.attention_mask.reshape(-1).bool()
         ids = chunk.input_ids.reshape(-1)
         if valid is not None:
@@ -247,6 +296,8 @@ class TraceWriter:
         s = slice(self.filled, self.filled + n)
         a = self.arrays
         a["token_ids"][s] = ids.cpu().numpy()
+        if "predicted_ids" in a:
+            a["next_ids"][s], a["predicted_ids"][s] = _next_and_predicted(chunk, predicted, valid)
         a["doc_ids"][s], a["positions"][s], a["domains"][s] = chunk.doc_ids, chunk.positions, chunk.domains
         for name, values in (chunk.context or {}).items():
             a[name][s] = values
@@ -276,8 +327,12 @@ def trace(
     batch_size: int = 8,
     router_probs: bool = False,
     progress: bool = True,
+    predictions: bool = False,
 ) -> Path:
-    """Trace `model` on a tokenized split (`data`) or on the contextual-token set; returns `out`."""
+    """Trace `model` on a tokenized split (`data`) or on the contextual-token set; returns `out`.
+
+    predictions: also record predicted_ids (argmax of the logits at each position) and next_ids (the
+    following token of the same window or sample, -1 at its last token)."""
     from tqdm.auto import tqdm
 
     from moelab.data.tokenizer import load_tokenizer
@@ -294,6 +349,8 @@ def trace(
         raise MoelabError(f"{out} exists and is not a trace; choose a new --out (e.g. {out}/trace)")
     router = model if isinstance(model, Router) else open_router(model)
     slots = router.top_k * router.tree["depth"] if router.tree else router.top_k  # topk_ids columns
+    if predictions and router.predict is None:
+        raise MoelabError(f"{router.name}: --predictions needs the model's logits, which this router lacks")
     if seq_len > router.seq_len_limit:
         raise MoelabError(f"--seq-len {seq_len} is longer than the model's {router.seq_len_limit} positions")
     tokenizer = load_tokenizer(router.tokenizer_path) if router.tokenizer_path else None
@@ -308,6 +365,7 @@ def trace(
         "top_k": slots,
         "domains": [],
         "has_router_probs": router_probs,
+        "has_predictions": predictions,
         "contextual": None,
         "data": None,
     }
@@ -348,12 +406,15 @@ def trace(
         chunks = data_chunks(dataset, seq_len or router.seq_len, batch_size, n_tokens)
         meta["domains"], meta["data"] = list(dataset.domain_names), f"{data}:{split}"
     with atomic_dir(out) as tmp:
-        writer = TraceWriter(tmp, n_tokens, router, router_probs, contextual, slots)
+        writer = TraceWriter(tmp, n_tokens, router, router_probs, contextual, slots, predictions)
         with tqdm(total=n_tokens, desc="trace", unit="tok", unit_scale=True, disable=not progress) as bar:
             for chunk in chunks:
                 ids = chunk.input_ids.to(router.device)
                 mask = None if chunk.attention_mask is None else chunk.attention_mask.to(router.device)
-                bar.update(writer.add(chunk, router.route(ids, mask)))
+                if predictions:
+                    bar.update(writer.add(chunk, *router.predict(ids, mask)))
+                else:
+                    bar.update(writer.add(chunk, router.route(ids, mask)))
         if writer.filled != n_tokens:  # an internal invariant, not a user error
             raise RuntimeError(f"traced {writer.filled} tokens, expected {n_tokens}")
         writer.close()
@@ -373,6 +434,7 @@ def cmd_trace(args) -> None:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         router_probs=args.router_probs,
+        predictions=getattr(args, "predictions", False),
     )
     meta = json.loads((out / "meta.json").read_text())
     print(

@@ -21,6 +21,7 @@ from moelab.errors import MoelabError
 FORMAT = "moelab-trace/1"
 
 _CONTEXT_ARRAYS = ("context_word", "context_sense", "context_target")
+_PREDICTION_ARRAYS = ("predicted_ids", "next_ids")
 
 
 def _expected_arrays(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -36,6 +37,8 @@ def _expected_arrays(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     }
     if meta["has_router_probs"]:
         spec["router_probs"] = (np.float16, (L, T, E))
+    if meta["has_predictions"]:
+        spec.update(predicted_ids=(np.int32, (T,)), next_ids=(np.int32, (T,)))
     if meta["contextual"] is not None:
         spec.update(
             context_word=(np.int16, (T,)), context_sense=(np.int16, (T,)), context_target=(np.bool_, (T,))
@@ -65,6 +68,8 @@ def _check_meta(meta: object, where: str) -> dict:
         raise bad("domains must be a list of names")
     if not isinstance(meta.get("has_router_probs", False), bool):
         raise bad("has_router_probs must be true or false")
+    if not isinstance(meta.get("has_predictions", False), bool):
+        raise bad("has_predictions must be true or false")
     ctx = meta.get("contextual")
     if ctx is not None:
         try:
@@ -86,6 +91,7 @@ def _check_meta(meta: object, where: str) -> dict:
         **meta,
         "domains": domains,
         "has_router_probs": bool(meta.get("has_router_probs")),
+        "has_predictions": bool(meta.get("has_predictions")),
         "contextual": ctx,
     }
 
@@ -134,7 +140,8 @@ class Trace:
 
     Attributes (None where absent): `topk_ids` (L, T, k), `topk_weights` (L, T, k), `router_probs`
     (L, T, E), `token_ids`, `doc_ids`, `positions`, `domains`, `context_word`, `context_sense`,
-    `context_target` (T,); `meta` (meta.json), `name` (the directory, for messages).
+    `context_target`, `predicted_ids`, `next_ids` (T,); `meta` (meta.json), `name` (the directory,
+    for messages).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray | None], meta: dict, name: str = "<in-memory trace>"):
@@ -149,6 +156,7 @@ class Trace:
             "topk_weights",
             "router_probs",
             *_CONTEXT_ARRAYS,
+            *_PREDICTION_ARRAYS,
         ):
             setattr(self, key, arrays.get(key))
 
@@ -215,6 +223,8 @@ class Trace:
         context_sense=None,
         context_target=None,
         positions=None,
+        predicted_ids=None,
+        next_ids=None,
         name: str = "<in-memory trace>",
         meta: dict | None = None,
     ) -> Trace:
@@ -222,7 +232,8 @@ class Trace:
 
         topk_ids (L, T, k) integers (-1 = no expert); the (T,) arrays are optional. n_experts defaults
         to the largest id + 1; domain names default to "0", "1", ...; `contextual` is the meta.json
-        entry {"words", "token_ids", "senses"} and goes with the three context_* arrays; `meta`: more
+        entry {"words", "token_ids", "senses"} and goes with the three context_* arrays;
+        `predicted_ids` and `next_ids` (T,) go together (-1 = no next token); `meta`: more
         meta.json entries (e.g. "expert_widths", "tree").
         """
         ids = _numpy(topk_ids)
@@ -246,6 +257,8 @@ class Trace:
             "context_word": _numpy(context_word),
             "context_sense": _numpy(context_sense),
             "context_target": _numpy(context_target),
+            "predicted_ids": _numpy(predicted_ids),
+            "next_ids": _numpy(next_ids),
         }
         shapes = {"topk_weights": (L, T, k), "router_probs": (L, T, n_experts)}
         for key, arr in arrays.items():
@@ -255,6 +268,8 @@ class Trace:
         has_ctx = [arrays[key] is not None for key in _CONTEXT_ARRAYS]
         if (contextual is not None) != all(has_ctx) or (contextual is None and any(has_ctx)):
             raise MoelabError("a contextual trace needs `contextual` and all of context_word/_sense/_target")
+        if (arrays["predicted_ids"] is None) != (arrays["next_ids"] is None):
+            raise MoelabError("predicted_ids and next_ids go together: pass both or neither")
         names = list(domain_names)
         if not names and arrays["domains"] is not None and arrays["domains"].size:
             names = [str(d) for d in range(int(arrays["domains"].max()) + 1)]
@@ -271,6 +286,7 @@ class Trace:
             "top_k": k,
             "domains": names,
             "has_router_probs": arrays["router_probs"] is not None,
+            "has_predictions": arrays["predicted_ids"] is not None,
             "contextual": contextual,
             "data": None,
         }

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from moelab.interp.nulls import html_table as null_table
 from moelab.interp.report.cards import CONTEXT_LEFT, CONTEXT_RIGHT, _domain_max
 from moelab.interp.report.compare import comparison
 from moelab.interp.report.fmt import _esc, _mean, _num
@@ -153,6 +154,31 @@ def _training(run: Run) -> str:
         out += _note(
             "no validation line yet (written every <code>train.eval_every</code> steps and at the end)"
         )
+    return out + _saturation(run)
+
+
+def _saturation(run: Run) -> str:
+    """RUN/saturation.png and a mean-per-step table from RUN/saturation.json, when
+    `moelab analyze RUN --saturation` wrote them; nothing otherwise."""
+    import base64
+    import json
+
+    png, js = run.path / "saturation.png", run.path / "saturation.json"
+    if not png.is_file() and not js.is_file():
+        return ""
+    out = "<h3>Router saturation over checkpoints</h3>"
+    if png.is_file():
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        alt = _esc(f"router saturation of {run.name}")
+        out += f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"></figure>'
+    try:
+        r = json.loads(js.read_text(encoding="utf-8"))
+        rows = [[str(s), _num(_mean(a)), _num(_mean(b))] for s, a, b in zip(r["steps"], r["top1"], r["topk"])]
+        out += _table(["step", f"top-1 vs step {r['reference_step']}", "top-k"], rows)
+    except (OSError, ValueError, KeyError, TypeError):
+        out += _note(
+            f"{_esc(js)} is missing or unreadable; rerun <code>moelab analyze RUN --saturation</code>"
+        )
     return out
 
 
@@ -270,6 +296,7 @@ def _specialization(run: Run) -> str:
     out.append(
         _note("normalized entropy: route entropy / (layers · log2 E); 1 = uniform over all E^layers routes")
     )
+    out.append(null_table(r))  # "" unless the analysis has nulls (analyze(..., nulls=R))
     out.append(transitions_section(run))
     out.append(width_table(run) + tree_section(run))
     return "".join(out)

@@ -1,0 +1,121 @@
+"""`moelab lens`: each expert's mean output equals a per-token recomputation, its logits are
+lm_head(norm(mean)), counts equal the routing, unused experts are null, and the CLI writes the file."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import moelab
+from moelab.cli import main
+from moelab.data.loader import TokenDataset
+from moelab.data.tokenizer import load_tokenizer
+from moelab.errors import MoelabError
+from moelab.interp.lens import lens
+
+N_TOKENS, SEQ_LEN, TOP = 90, 20, 7
+
+
+@pytest.fixture(scope="module")
+def workspace(two_domain_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lens")
+    tok = load_tokenizer(two_domain_data / "tok")
+    config = moelab.load_config(
+        None,
+        [f"model.vocab_size={tok.vocab_size}", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+         "model.d_expert=24", "model.n_experts=6", "model.top_k=2", "model.max_seq_len=64",
+         f"model.pad_token_id={tok.pad_id}", f"model.eos_token_id={tok.eos_id}", f"data.seq_len={SEQ_LEN}"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = moelab.build(config).eval()
+    with torch.no_grad():
+        model.moe_layers[1].router.balance_bias[3] = -1e4  # expert 3 of layer 1 never gets a token
+        model.norm.weight.uniform_(0.5, 1.5)  # a visible final-norm weight: the lens must apply it
+    ckpt = moelab.save_checkpoint(model, root / "ckpt", tokenizer=two_domain_data / "tok" / "tokenizer.json")
+    return {"root": root, "tokens": two_domain_data / "tokens", "ckpt": ckpt, "model": model, "tok": tok}
+
+
+def brute_force(model, tokens: np.ndarray):
+    """Per layer: (E, D) float64 sums and (E,) counts of each expert's output, one token at a time."""
+    captured = {}
+
+    def hook(layer):
+        def fn(_module, args, _out):
+            captured.setdefault(layer, []).append((args[0].detach(), args[1].topk_ids.detach()))
+
+        return fn
+
+    handles = [m.experts.register_forward_hook(hook(i)) for i, m in enumerate(model.moe_layers)]
+    with torch.no_grad():
+        for start in range(0, len(tokens), SEQ_LEN):  # the lens's windows, one forward each
+            model(torch.from_numpy(tokens[start : start + SEQ_LEN].astype(np.int64))[None])
+    for h in handles:
+        h.remove()
+    result = []
+    for layer, module in enumerate(model.moe_layers):
+        experts = module.experts
+        gate_up, down = experts.gate_up.detach().double(), experts.down.detach().double()
+        sums, counts = torch.zeros(experts.n_experts, gate_up.shape[1], dtype=torch.float64), [0] * 6
+        for x, ids in captured[layer]:
+            for t in range(x.shape[0]):
+                for slot in range(ids.shape[1]):
+                    e = int(ids[t, slot])
+                    h = x[t].double() @ gate_up[e]  # [gate | up]
+                    gate, up = h.chunk(2)
+                    sums[e] += (torch.nn.functional.silu(gate) * up) @ down[e]
+                    counts[e] += 1
+        result.append((sums, counts))
+    return result
+
+
+def test_lens_matches_brute_force(workspace, tmp_path):
+    out = tmp_path / "lens.json"
+    result = lens(workspace["ckpt"], workspace["tokens"], out=out, max_tokens=N_TOKENS, top=TOP,
+                  batch_size=3, device="cpu", progress=False)  # fmt: skip
+    assert json.loads(out.read_text()) == result
+    assert result["n_tokens"] == N_TOKENS and result["n_layers"] == 2 and result["top"] == TOP
+    tokens = np.asarray(TokenDataset(workspace["tokens"], "val").tokens[:N_TOKENS])
+    model, tok = workspace["model"], workspace["tok"]
+    reference = brute_force(model, tokens)
+    assert result["layers"][1]["experts"][3] is None  # no token reached it
+    n_checked = 0
+    for layer, (sums, counts) in enumerate(reference):
+        assert sum(counts) == N_TOKENS * 2
+        for e, ex in enumerate(result["layers"][layer]["experts"]):
+            if counts[e] == 0:
+                assert ex is None
+                continue
+            assert ex["n_tokens"] == counts[e] and ex["expert"] == e
+            mean = sums[e] / counts[e]
+            assert ex["mean_norm"] == pytest.approx(float(mean.norm()), rel=1e-4)
+            with torch.no_grad():
+                logits = model.lm_head(model.norm(mean.float()[None]))[0]
+            promoted = torch.topk(logits, TOP).indices.tolist()
+            suppressed = torch.topk(-logits, TOP).indices.tolist()
+            assert [r["id"] for r in ex["promoted"]] == promoted
+            assert [r["id"] for r in ex["suppressed"]] == suppressed
+            np.testing.assert_allclose(
+                [r["logit"] for r in ex["promoted"]], logits[promoted].numpy(), atol=1e-4
+            )
+            assert [r["token"] for r in ex["promoted"]] == [tok.decode([i]) for i in promoted]
+            n_checked += 1
+    assert n_checked == 2 * 6 - 1
+
+
+def test_lens_cli_writes_the_file(workspace, capsys):
+    ckpt = workspace["ckpt"]
+    code = main(["lens", str(ckpt), "--data", str(workspace["tokens"]), "--max-tokens", "40", "--top", "3"])
+    assert code in (0, None)
+    data = json.loads((ckpt / "lens.json").read_text())
+    assert data["format"] == "moelab-lens/1" and data["n_tokens"] == 40
+    assert all(len(ex["promoted"]) == 3 for ex in data["layers"][0]["experts"] if ex is not None)
+    assert "lens of 2 MoE layers" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["lens", "--help"])
+    assert "example:" in capsys.readouterr().out
+
+
+def test_lens_rejects_bad_arguments(workspace):
+    with pytest.raises(MoelabError, match="--top"):
+        lens(workspace["ckpt"], workspace["tokens"], top=0, progress=False)
