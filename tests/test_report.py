@@ -443,6 +443,17 @@ def test_specialization_section_numbers(fake, page):
     assert "distinct routes" in spec and spec.count("<img") == 5  # 2: cross-layer transitions
 
 
+def test_specialization_section_shows_the_nulls(fake, page):
+    """The report analyses with REPORT_NULLS shuffles: its null table equals analyze(..., nulls=R)."""
+    from moelab.interp.metrics import analyze
+    from moelab.interp.nulls import html_table
+    from moelab.interp.report.runs import REPORT_NULLS
+
+    spec = section(page["html"], "specialization")
+    expected = html_table(analyze(Trace.open(fake["run"] / "trace"), nulls=REPORT_NULLS))
+    assert f"mean±std over {REPORT_NULLS} shuffles" in expected and expected in spec
+
+
 def test_contextual_section_counts_targets_per_sense(fake, page):
     ctx = section(page["html"], "contextual")
     trace = Trace.open(fake["run"] / "trace-contextual")

@@ -25,6 +25,7 @@ from moelab.interp.report.cards import MIN_COUNT, _domain_max, _expert_cards
 from moelab.interp.report.fmt import _code, _esc, _mean
 
 log = logging.getLogger(__name__)
+REPORT_NULLS = 3  # permutation / label-shuffle nulls next to every headline number (nulls.py)
 
 DATA_TRACE, CONTEXTUAL_TRACE = "trace", "trace-contextual"  # default trace directories inside a run
 HEATMAP_BINS, LINE_BINS = 300, 1000  # step bins of the load heatmaps and of per-layer lines
@@ -300,7 +301,9 @@ def load_run(path: str | Path, name: str, traces: list[Path] = (), min_count: in
     if run.trace is not None:
         _check_trace(run, run.trace, "data")
         t0 = time.perf_counter()
-        run.analysis = analyze(run.trace, min_count=min_count, progress=sys.stderr.isatty())
+        run.analysis = analyze(
+            run.trace, min_count=min_count, nulls=REPORT_NULLS, progress=sys.stderr.isatty()
+        )
         run.cards = _expert_cards(run.trace, run.analysis, min_count)
         log.info(
             "%s: analysed %s tokens in %.1f s", name, f"{run.trace.n_tokens:,}", time.perf_counter() - t0
