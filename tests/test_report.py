@@ -729,3 +729,20 @@ def test_balance_section_dead_experts_and_load_percentiles(fake, page, tmp_path)
         want = [str(last["dead_experts"][layer]), *(f"{100 * v:.2f}%" for v in last["load_pct"][layer])]
         assert rows[str(layer)] == want
     assert "<th>min</th><th>p25</th><th>median</th><th>p75</th><th>max</th>" in balance
+
+
+def test_expert_cards_show_the_logit_lens_when_the_run_has_one():
+    from types import SimpleNamespace
+
+    from moelab.interp.report.html import _lens_line
+
+    promoted = [{"id": 7, "logit": 3.0, "token": " king"}, {"id": 9, "logit": 2.0}]
+    suppressed = [{"id": 4, "logit": -3.0, "token": "<&>"}]
+    lens = {"layers": [{"experts": [{"promoted": promoted, "suppressed": suppressed}, None]}]}
+    line = _lens_line(SimpleNamespace(lens=lens), 0, 0)
+    assert "<code> king</code> <code>9</code>" in line and "<code>&lt;&amp;&gt;</code>" in line
+    assert _lens_line(SimpleNamespace(lens=lens), 0, 1) == ""  # an expert without tokens
+    assert (
+        _lens_line(SimpleNamespace(lens=lens), 3, 0) == ""
+        and _lens_line(SimpleNamespace(lens=None), 0, 0) == ""
+    )

@@ -1,6 +1,6 @@
 """`make demo`: the whole main job on the embedded defaults, idempotent (a rerun reuses what exists).
 
-corpus → 8k BPE → tokenize → train configs/tiny-cpu.yaml → eval → generate → trace → analyze → report.
+corpus → 8k BPE → tokenize → train configs/tiny-cpu.yaml → eval → generate → trace → analyze → lens → report.
 """
 
 from __future__ import annotations
@@ -88,18 +88,18 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = args.steps or load_config(CONFIG).train.steps
     overrides = [f"train.steps={steps}"]  # also on resume: the run's saved config may hold another length
-    corpus, tok, tokens = prepare_data("/9")
+    corpus, tok, tokens = prepare_data("/10")
     trace, ctx, report = RUN / "trace", RUN / "trace-contextual", RUN / "report.html"
     trained_now = not finished(RUN, steps)
     resume = ["--resume"] if (RUN / "checkpoints" / "latest").is_file() else []
     step(
-        "4/9 train the tiny MoE (configs/tiny-cpu.yaml)",
+        "4/10 train the tiny MoE (configs/tiny-cpu.yaml)",
         not trained_now,
         ["train", str(CONFIG), "--out", str(RUN), *resume] + [a for o in overrides for a in ("--set", o)],
     )
-    step("5/9 evaluate on the validation split", False, ["eval", str(RUN), "--data", str(tokens)])
+    step("5/10 evaluate on the validation split", False, ["eval", str(RUN), "--data", str(tokens)])
     step(
-        "6/9 generate a sample",
+        "6/10 generate a sample",
         False,
         [
             "generate",
@@ -118,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     traced = (trace / "meta.json").is_file() and (ctx / "meta.json").is_file() and not trained_now
     step(
-        "7/9 trace the routing: validation split and contextual-token set",
+        "7/10 trace the routing: validation split and contextual-token set",
         traced,
         *trace_commands(RUN, tokens, trace, ctx),
     )
-    step("8/9 analyze expert specialization", False, ["analyze", str(trace)])
-    step("9/9 write the HTML report", False, ["report", str(RUN), "--out", str(report)])
+    step("8/10 analyze expert specialization", False, ["analyze", str(trace)])
+    step(
+        "9/10 expert logit lens: the tokens each expert's output promotes",
+        False,
+        ["lens", str(RUN), "--data", str(tokens), "--max-tokens", "16384"],
+    )
+    step("10/10 write the HTML report", False, ["report", str(RUN), "--out", str(report)])
 
     baseline = unigram_baseline(tokens)
     print(f"\nunigram baseline on the validation split (context-free model): {baseline:.3f} nats/token")

@@ -353,7 +353,24 @@ def _card(run: Run, layer: int, expert: int) -> str:
         f'<div class="card" id="card-{layer}-{expert}" data-layer="{layer}" data-expert="{expert}">'
         f'<div class="card-head"><b>layer {layer} · expert {expert}</b> '
         f'<span class="muted">{load}</span></div>'
-        f"{tokens}{domains}{examples}</div>"
+        f"{tokens}{_lens_line(run, layer, expert)}{domains}{examples}</div>"
+    )
+
+
+def _lens_line(run: Run, layer: int, expert: int, n: int = 5) -> str:
+    """The tokens the expert's mean output promotes and suppresses (`moelab lens`), when the run has
+    RUN/lens.json; "" otherwise."""
+    layers = (run.lens or {}).get("layers", [])
+    entry = layers[layer]["experts"][expert] if layer < len(layers) else None
+    if not entry:
+        return ""
+
+    def words(items) -> str:
+        return " ".join(f"<code>{_esc(str(i.get('token') or i['id']))}</code>" for i in items[:n])
+
+    return (
+        f'<p class="lens"><span class="muted">lens: promotes</span> {words(entry["promoted"])}<br>'
+        f'<span class="muted">suppresses</span> {words(entry["suppressed"])}</p>'
     )
 
 

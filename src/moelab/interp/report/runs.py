@@ -163,6 +163,7 @@ class Run:
     analysis: dict | None = None  # metrics.analyze(trace)
     ctx: dict | None = None  # {"tis": {word: [L]}, "ics": {word: [L]}}
     cards: dict | None = None  # see cards._expert_cards
+    lens: dict | None = None  # RUN/lens.json of `moelab lens`, shown in the expert cards
     notes: dict[str, str] = field(default_factory=dict)  # input -> HTML note saying how to produce it
     warnings: list[str] = field(default_factory=list)  # HTML
 
@@ -297,6 +298,11 @@ def load_run(path: str | Path, name: str, traces: list[Path] = (), min_count: in
             "to get training curves and balance over time"
         )
     _read_tokenizer(run)
+    if (path / "lens.json").is_file():
+        try:
+            run.lens = json.loads((path / "lens.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            run.warnings.append(f"{_code(path / 'lens.json')} is damaged; re-run moelab lens")
     _open_traces(run, list(traces))
     if run.trace is not None:
         _check_trace(run, run.trace, "data")
