@@ -119,3 +119,98 @@ def test_lens_cli_writes_the_file(workspace, capsys):
 def test_lens_rejects_bad_arguments(workspace):
     with pytest.raises(MoelabError, match="--top"):
         lens(workspace["ckpt"], workspace["tokens"], top=0, progress=False)
+
+
+HF_COMMON = dict(
+    vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+HF_CASES = {
+    "olmoe": ("olmoe", dict(intermediate_size=16, num_experts=6)),
+    "qwen2_moe-shared-dense1": (
+        "qwen2_moe",
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=6,
+            mlp_only_layers=[1],
+        ),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_lens_of_a_transformers_folder_matches_brute_force(case, transformers, two_domain_data, tmp_path):
+    """Each routed expert's mean output, recomputed per token from the folder's expert weights with the
+    ids the experts module received; a shared expert and a dense layer are not routed experts."""
+    model_type, extra = HF_CASES[case]
+    config = transformers.AutoConfig.for_model(model_type, **HF_COMMON, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path / "hf")
+    tokens_dir = two_domain_data / "tokens"
+    with pytest.raises(MoelabError, match="--out"):  # nothing is written into a transformers folder
+        lens(tmp_path / "hf", tokens_dir, max_tokens=N_TOKENS, progress=False)
+    result = lens(tmp_path / "hf", tokens_dir, out=tmp_path / "lens.json", max_tokens=N_TOKENS, top=TOP,
+                  seq_len=SEQ_LEN, batch_size=3, device="cpu", progress=False)  # fmt: skip
+    assert result["source"] == "transformers" and result["tokenizer_hash"] is None
+
+    blocks = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    received = {i: [] for i in range(len(blocks))}
+    hooks = [
+        b.experts.register_forward_pre_hook(lambda _m, args, i=i: received[i].append((args[0], args[1])))
+        for i, b in enumerate(blocks)
+    ]
+    tokens = np.asarray(TokenDataset(tokens_dir, "val").tokens[:N_TOKENS]).astype(np.int64)
+    with torch.no_grad():
+        for start in range(0, N_TOKENS, SEQ_LEN):
+            model(torch.from_numpy(tokens[start : start + SEQ_LEN])[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert result["n_layers"] == len(blocks) == (2 if "dense1" in case else 3)
+    for layer, block in enumerate(blocks):
+        gate_up, down = (
+            block.experts.gate_up_proj.detach().double(),
+            block.experts.down_proj.detach().double(),
+        )
+        sums, counts = torch.zeros(6, 32, dtype=torch.float64), [0] * 6
+        for x, ids in received[layer]:
+            for t in range(x.shape[0]):
+                for slot in range(ids.shape[1]):
+                    e = int(ids[t, slot])
+                    gate, up = (gate_up[e] @ x[t].double()).chunk(2)
+                    sums[e] += down[e] @ (torch.nn.functional.silu(gate) * up)
+                    counts[e] += 1
+        for e, ex in enumerate(result["layers"][layer]["experts"]):
+            if counts[e] == 0:
+                assert ex is None
+                continue
+            mean = sums[e] / counts[e]
+            assert ex["n_tokens"] == counts[e]
+            assert ex["mean_norm"] == pytest.approx(float(mean.norm()), rel=1e-4)
+            with torch.no_grad():
+                logits = model.lm_head(model.model.norm(mean.float()[None]))[0]
+            assert [r["id"] for r in ex["promoted"]] == torch.topk(logits, TOP).indices.tolist()
+            assert [r["id"] for r in ex["suppressed"]] == torch.topk(-logits, TOP).indices.tolist()
+
+
+def test_analyze_json_carries_the_lens(workspace, tmp_path, capsys):
+    from moelab.interp.trace import trace
+
+    ckpt, tokens = workspace["ckpt"], workspace["tokens"]
+    directory = trace(ckpt, tmp_path / "trace", data=tokens, max_tokens=60, progress=False)
+    result = lens(ckpt, tokens, out=tmp_path / "lens.json", max_tokens=60, top=3, progress=False)
+    capsys.readouterr()
+    assert main(["analyze", str(directory), "--json", "--lens", str(tmp_path / "lens.json")]) == 0
+    analysed = json.loads(capsys.readouterr().out)
+    assert analysed["lens"] == result
+    assert main(["analyze", str(directory), "--json"]) == 0  # without --lens: no new key
+    assert "lens" not in json.loads(capsys.readouterr().out)
+    other = dict(result, n_experts=5)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["analyze", str(directory), "--lens", str(tmp_path / "other.json")]) == 2
+    assert "another model" in capsys.readouterr().err
+    assert main(["analyze", str(directory), "--lens", str(tmp_path / "missing.json")]) == 2

@@ -41,14 +41,16 @@ def add_commands(sub, add) -> None:
         "(lm_head(norm(mean))) on tokenized data.",
         "moelab lens runs/demo --data data/demo/tokens --max-tokens 100000 --out runs/demo/lens.json",
     )
-    p.add_argument("run", help="moelab run or checkpoint directory")
+    p.add_argument(
+        "run", help="moelab run or checkpoint directory, or a transformers MoE folder (needs --out)"
+    )
     p.add_argument("--data", required=True, help="tokenized data directory (moelab data tokenize)")
     p.add_argument("--split", default="val")
     p.add_argument("--max-tokens", type=int, default=0, help="stop after N tokens (0 = the whole split)")
     p.add_argument("--top", type=int, default=10, help="promoted and suppressed tokens per expert")
     p.add_argument("--seq-len", type=int, default=0, help="window length (default: the model's data.seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", help="JSON file to write (default: RUN/lens.json)")
+    p.add_argument("--out", help="JSON file to write (default: RUN/lens.json for a moelab run)")
     p.set_defaults(func=_lazy("lens", "cmd_lens"))
 
     p = add(
@@ -106,6 +108,12 @@ def add_commands(sub, add) -> None:
         default=0,
         metavar="R",
         help="null baselines: mean ± std of the headline metrics over R seeded shuffles (default 0 = off)",
+    )
+    p.add_argument(
+        "--lens",
+        default=None,
+        metavar="LENS_JSON",
+        help="include an expert logit lens (moelab lens) of the traced model under the key `lens`",
     )
     p.set_defaults(func=_lazy("metrics", "cmd_analyze"))
 

@@ -7,8 +7,11 @@ tokenized split:
     logits_e = lm_head(norm(mean_e))                      (the model's final norm and unembedding)
 
 y is the expert's output before its mixing weight (after its per-expert output norm, when the model
-has one), captured with a forward hook on each `RoutedExperts` module that reruns the layer's experts
-with `per_slot=True`. Passing a *mean direction* through the final RMSNorm is a choice: the norm was
+has one), captured with a forward hook on each routed-expert module during the real forward pass: a
+moelab `RoutedExperts` reruns its own kernel with `per_slot=True`; a transformers MoE folder (OLMoE,
+Mixtral, Qwen2-MoE, Qwen3-MoE; see hf_models) has its experts module called once per top-k slot with
+weight 1, so its own expert implementation gives y (a Qwen2-MoE shared expert is not a routed expert
+and is left out). Passing a *mean direction* through the final RMSNorm is a choice: the norm was
 trained on residual-stream states, not on one expert's average contribution; it fixes the scale (the
 logits' ranking does not depend on it) and applies the norm's learned per-channel weight, which the
 ranking does depend on. Experts that got no token are recorded as null. The model runs in float32 and
@@ -17,8 +20,10 @@ without autocast, whatever the device. Output: JSON (docs/METRICS.md, "Expert lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,41 +35,31 @@ FORMAT = "moelab-lens/1"
 
 
 class ExpertMeans:
-    """Forward hooks on every RoutedExperts of a model: per layer, the sum (E, D) float64 and count (E,)
-    of each expert's per-slot output. Layers are numbered in module order."""
+    """Forward hooks on a model's routed-expert modules: per MoE layer, the sum (E, D) float64 and count
+    (E,) of each expert's per-slot output. `per_slot(module, args, kwargs)` recomputes what the module
+    just ran as (topk_ids (T, k), y (T, k, D)), y unweighted, ids -1 for empty slots."""
 
-    def __init__(self, model: torch.nn.Module):
-        from moelab.moe.experts import RoutedExperts
-
-        self.modules = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-        if not self.modules:
-            raise MoelabError(f"{type(model).__name__} has no routed experts; nothing to lens")
-        self.sums = [None] * len(self.modules)
-        self.counts = [torch.zeros(m.n_experts, dtype=torch.long) for m in self.modules]
+    def __init__(self, modules: list[torch.nn.Module], n_experts: int, per_slot):
+        if not modules:
+            raise MoelabError("the model has no routed experts; nothing to lens")
+        self.modules, self.n_experts, self.per_slot = modules, n_experts, per_slot
+        self.sums = [None] * len(modules)
+        self.counts = [torch.zeros(n_experts, dtype=torch.long) for _ in modules]
         self.handles = [
-            m.register_forward_hook(self._hook(layer), with_kwargs=True)
-            for layer, m in enumerate(self.modules)
+            m.register_forward_hook(self._hook(layer), with_kwargs=True) for layer, m in enumerate(modules)
         ]
 
     def _hook(self, layer: int):
         def hook(module, args, kwargs, _out):
-            from moelab.moe.dispatch import run_expert_groups
-            from moelab.moe.routing import RoutingInfo
-
-            names = ("x", "topk_ids", "topk_weights")
-            bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-            x, ids, weights = bound["x"], bound["topk_ids"], bound.get("topk_weights")
-            if isinstance(ids, RoutingInfo):
-                ids, weights = ids.topk_ids, ids.topk_weights
-            _, y = run_expert_groups(
-                x, ids, weights, module.groups(), "sorted", module.output_norm, per_slot=True
-            )  # y: (T, k, D), 0 where id is -1
+            ids, y = self.per_slot(module, args, kwargs)
+            if ids is None:  # a nested call made by per_slot itself
+                return
             valid = ids >= 0
-            chosen = ids[valid].long()  # (n,)
+            chosen = ids[valid].long().cpu()  # (n,)
             if self.sums[layer] is None:
-                self.sums[layer] = torch.zeros(module.n_experts, y.shape[-1], dtype=torch.float64)
-            self.sums[layer].index_add_(0, chosen.cpu(), y[valid].double().cpu())
-            self.counts[layer] += torch.bincount(chosen.cpu(), minlength=module.n_experts)
+                self.sums[layer] = torch.zeros(self.n_experts, y.shape[-1], dtype=torch.float64)
+            self.sums[layer].index_add_(0, chosen, y[valid].double().cpu())
+            self.counts[layer] += torch.bincount(chosen, minlength=self.n_experts)
 
         return hook
 
@@ -78,11 +73,133 @@ class ExpertMeans:
             handle.remove()
 
 
+def moelab_per_slot(module, args, kwargs):
+    """per_slot for moelab's RoutedExperts: its own kernel with per_slot=True (after the per-expert
+    output norm, when the model has one)."""
+    from moelab.moe.dispatch import run_expert_groups
+    from moelab.moe.routing import RoutingInfo
+
+    names = ("x", "topk_ids", "topk_weights")
+    bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    x, ids, weights = bound["x"], bound["topk_ids"], bound.get("topk_weights")
+    if isinstance(ids, RoutingInfo):
+        ids, weights = ids.topk_ids, ids.topk_weights
+    _, y = run_expert_groups(x, ids, weights, module.groups(), "sorted", module.output_norm, per_slot=True)
+    return ids, y  # y: (T, k, D), 0 where id is -1
+
+
+def hf_per_slot():
+    """per_slot for a transformers experts module `experts(hidden (T, D), top_k_index (T, k), top_k_weights
+    (T, k))`: the module itself is called once per slot with that slot's ids and weight 1, so y is
+    exactly what the model's own expert implementation computes, before the routing weight."""
+    busy = [False]
+
+    def per_slot(module, args, kwargs):
+        if busy[0]:
+            return None, None
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        if set(bound) != set(names):
+            raise MoelabError(
+                f"{type(module).__name__} is not called as experts(hidden, top_k_index, top_k_weights); "
+                "this transformers version is not supported (pip install 'moelab[hf]')"
+            )
+        x, ids, weights = bound["hidden_states"], bound["top_k_index"], bound["top_k_weights"]
+        ones = torch.ones_like(weights[:, :1])  # (T, 1)
+        busy[0] = True
+        try:
+            y = torch.stack([module(x, ids[:, s : s + 1], ones) for s in range(ids.shape[1])], dim=1)
+        finally:
+            busy[0] = False
+        return ids, y  # y: (T, k, D)
+
+    return per_slot
+
+
+@dataclasses.dataclass
+class Subject:
+    """What the lens needs from a model, whatever its origin."""
+
+    forward: Callable[[torch.Tensor], None]  # (B, N) token ids -> runs the model once (logits unused)
+    experts: list[torch.nn.Module]  # the routed-expert module of each MoE layer, in order
+    per_slot: Callable
+    norm: torch.nn.Module  # the final norm
+    head: torch.nn.Module  # the unembedding
+    n_experts: int
+    vocab_size: int
+    seq_len: int  # default window
+    seq_len_limit: int  # positions the model supports
+    tokenizer_path: Path | None
+    name: str
+    checkpoint_step: int | None
+
+
+def _moelab_subject(run: Path, device: torch.device) -> Subject:
+    from moelab.checkpoint import TOKENIZER, load, resolve_checkpoint
+    from moelab.moe.experts import RoutedExperts
+
+    ckpt = resolve_checkpoint(run)
+    model = load(ckpt, device=device).float().eval()
+    for name in ("norm", "lm_head"):
+        if not isinstance(getattr(model, name, None), torch.nn.Module):
+            raise MoelabError(
+                f"{type(model).__name__} has no `{name}`; lens needs the final norm and lm_head"
+            )
+    # the forward needs no logits: let the LM head see only the last position ((B, N, V) is large);
+    # expert_logits' (1, D) inputs pass unchanged
+    model.lm_head.register_forward_pre_hook(
+        lambda _module, args: (args[0][:, -1:],) if args[0].dim() == 3 else None
+    )
+    cfg = model.config
+    step = re.fullmatch(r"step-(\d+)", ckpt.name)
+    return Subject(
+        forward=model,
+        experts=[m for m in model.modules() if isinstance(m, RoutedExperts)],
+        per_slot=moelab_per_slot,
+        norm=model.norm,
+        head=model.lm_head,
+        n_experts=cfg.model.n_experts,
+        vocab_size=cfg.model.vocab_size,
+        seq_len=min(cfg.data.seq_len, cfg.model.max_seq_len),
+        seq_len_limit=cfg.model.max_seq_len,
+        tokenizer_path=ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None,
+        name=str(ckpt),
+        checkpoint_step=int(step.group(1)) if step else None,
+    )
+
+
+def _hf_subject(path: Path, device: torch.device) -> Subject:
+    from moelab.interp.hf_models import _sparse_blocks, load_hf_moe
+
+    hf = load_hf_moe(path, device=device, dtype=torch.float32)
+    model = hf.model
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    head = model.get_output_embeddings()
+    if not isinstance(norm, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        raise MoelabError(f"{path}: no final norm (model.norm) or output embeddings; lens cannot read it")
+    max_pos = int(getattr(hf.config, "max_position_embeddings", 2048) or 2048)
+    tok = path / "tokenizer.json"
+    return Subject(
+        forward=lambda ids: model(ids, use_cache=False, logits_to_keep=1),
+        experts=[block.experts for block in _sparse_blocks(model)],
+        per_slot=hf_per_slot(),
+        norm=norm,
+        head=head,
+        n_experts=hf.n_experts,
+        vocab_size=hf.vocab_size,
+        seq_len=min(2048, max_pos),
+        seq_len_limit=max_pos,
+        tokenizer_path=tok if tok.is_file() else None,
+        name=str(path),
+        checkpoint_step=None,
+    )
+
+
 @torch.no_grad()
-def expert_logits(model: torch.nn.Module, mean: torch.Tensor) -> torch.Tensor:
-    """lm_head(norm(mean)) (V,) float32 for one mean output direction (D,)."""
-    ref = model.lm_head.weight
-    return model.lm_head(model.norm(mean.to(device=ref.device, dtype=ref.dtype)[None]))[0].float().cpu()
+def expert_logits(norm: torch.nn.Module, head: torch.nn.Module, mean: torch.Tensor) -> torch.Tensor:
+    """head(norm(mean)) (V,) float32 for one mean output direction (D,)."""
+    ref = head.weight
+    return head(norm(mean.to(device=ref.device, dtype=ref.dtype)[None]))[0].float().cpu()
 
 
 def _ranked(ids: torch.Tensor, logits: torch.Tensor, tokenizer) -> list[dict]:
@@ -107,11 +224,10 @@ def lens(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
-    """The expert logit lens of a moelab run/checkpoint on a tokenized split; written to `out` (default
-    RUN/lens.json) and returned."""
+    """The expert logit lens of a moelab run/checkpoint or a transformers MoE folder on a tokenized split;
+    written to `out` (default RUN/lens.json; required for a transformers folder) and returned."""
     from tqdm.auto import tqdm
 
-    from moelab.checkpoint import TOKENIZER, load, resolve_checkpoint
     from moelab.data.loader import TokenDataset
     from moelab.data.tokenizer import load_tokenizer
     from moelab.interp.hf_models import is_hf_moe_dir
@@ -122,40 +238,32 @@ def lens(
         ("--batch-size", batch_size, 1),
     )  # fmt: skip
     run = Path(run)
-    if is_hf_moe_dir(run):
-        raise MoelabError(f"{run} is a transformers folder; lens supports moelab checkpoints only")
+    hf = is_hf_moe_dir(run)
+    if hf and out is None:
+        raise MoelabError(
+            f"{run} is a transformers folder; pass --out FILE for the lens (nothing is written there)"
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = resolve_checkpoint(run)
-    model = load(ckpt, device=device).float().eval()
-    for name in ("norm", "lm_head"):
-        if not isinstance(getattr(model, name, None), torch.nn.Module):
-            raise MoelabError(
-                f"{type(model).__name__} has no `{name}`; lens needs the final norm and lm_head"
-            )
-    cfg = model.config
-    # the forward needs no logits: let the LM head see only the last position ((B, N, V) is large)
-    head_hook = model.lm_head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
-    tok_path = ckpt / TOKENIZER
-    tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
+    subject = _hf_subject(run, device) if hf else _moelab_subject(run, device)
+    tokenizer = load_tokenizer(subject.tokenizer_path) if subject.tokenizer_path else None
     dataset = TokenDataset(data, split)
     if tokenizer is not None:
         dataset.check_tokenizer(tokenizer.hash)
-    if dataset.vocab_size > cfg.model.vocab_size:
-        raise MoelabError(f"{data} has vocab {dataset.vocab_size} > the model's {cfg.model.vocab_size}")
-    window = seq_len or min(cfg.data.seq_len, cfg.model.max_seq_len)
-    if window > cfg.model.max_seq_len:
-        raise MoelabError(f"--seq-len {window} is longer than the model's {cfg.model.max_seq_len} positions")
+    if dataset.vocab_size > subject.vocab_size:
+        raise MoelabError(f"{data} has vocab {dataset.vocab_size} > the model's {subject.vocab_size}")
+    window = seq_len or subject.seq_len
+    if window > subject.seq_len_limit:
+        raise MoelabError(f"--seq-len {window} is longer than the model's {subject.seq_len_limit} positions")
     n_tokens = min(dataset.n_tokens, max_tokens) if max_tokens else dataset.n_tokens
-    capture = ExpertMeans(model)
+    capture = ExpertMeans(subject.experts, subject.n_experts, subject.per_slot)
     try:
         with torch.no_grad(), tqdm(total=n_tokens, desc="lens", unit="tok", disable=not progress) as bar:
             for chunk in data_chunks(dataset, window, batch_size, n_tokens):
-                model(chunk.input_ids.to(device))
+                subject.forward(chunk.input_ids.to(device))
                 bar.update(chunk.input_ids.numel())
     finally:
         capture.remove()
-        head_hook.remove()
-    top = min(top, cfg.model.vocab_size)
+    top = min(top, subject.vocab_size)
     layers = []
     for layer in range(len(capture.modules)):
         experts = []
@@ -163,7 +271,7 @@ def lens(
             if mean is None:
                 experts.append(None)
                 continue
-            logits = expert_logits(model, mean)
+            logits = expert_logits(subject.norm, subject.head, mean)
             order = torch.argsort(logits, descending=True, stable=True)
             experts.append(
                 {
@@ -175,15 +283,15 @@ def lens(
                 }
             )
         layers.append({"layer": layer, "experts": experts})
-    step = re.fullmatch(r"step-(\d+)", ckpt.name)
     result = {
         "format": FORMAT,
-        "model": str(ckpt),
-        "checkpoint_step": int(step.group(1)) if step else None,
+        "model": subject.name,
+        "source": "transformers" if hf else "moelab",
+        "checkpoint_step": subject.checkpoint_step,
         "data": f"{data}:{split}",
         "n_tokens": n_tokens,
         "n_layers": len(layers),
-        "n_experts": cfg.model.n_experts,
+        "n_experts": subject.n_experts,
         "top": top,
         "tokenizer_hash": tokenizer.hash if tokenizer else None,
         "layers": layers,
@@ -191,6 +299,27 @@ def lens(
     out = Path(out) if out is not None else run / "lens.json"
     with atomic_file(out) as fh:
         json.dump(result, fh, indent=1)
+    return result
+
+
+def read_lens(path: str | Path, n_layers: int, n_experts: int) -> dict:
+    """A lens file checked against the trace it is shown with (same MoE layers and experts)."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoelabError(
+            f"{path} does not exist; write it with `moelab lens RUN --data DIR --out {path}`"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise MoelabError(f"{path} is not a lens file ({type(e).__name__}); re-run moelab lens") from None
+    if not isinstance(result, dict) or result.get("format") != FORMAT:
+        raise MoelabError(f"{path} is not a lens file (format {FORMAT}); re-run moelab lens")
+    if (result.get("n_layers"), result.get("n_experts")) != (n_layers, n_experts):
+        raise MoelabError(
+            f"{path} has {result.get('n_layers')} MoE layers x {result.get('n_experts')} experts, the trace "
+            f"{n_layers} x {n_experts}: a lens of another model"
+        )
     return result
 
 

@@ -908,6 +908,10 @@ def cmd_analyze(args) -> None:
         source=getattr(args, "source", "recorded"),
         nulls=getattr(args, "nulls", 0),
     )
+    if getattr(args, "lens", None):
+        from moelab.interp.lens import read_lens
+
+        result["lens"] = read_lens(args.lens, trace.n_layers, trace.n_experts)
     if args.json:
         print(json.dumps(result))
     else:
