@@ -122,6 +122,46 @@ def test_identical_layers_are_predictable_and_independent_ones_are_not():
         assert abs(indep[key]["predictability"]) < 0.01
 
 
+def loop_routes(trace, first, last):
+    """{route tuple: [tokens, first token]}, one token at a time."""
+    ids = np.asarray(trace.topk_ids)
+    routes = {}
+    for t in range(trace.n_tokens):
+        route = tuple(top1_of(ids[layer, t]) for layer in range(first, last + 1))
+        if min(route) >= 0:
+            routes.setdefault(route, [0, t])[0] += 1
+    return routes
+
+
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize(("shape", "layers"), [({}, None), ({"E": 3, "k": 2, "L": 4}, (1, 3))])
+def test_common_routes_match_loop(shape, layers):
+    trace = make_trace(**shape)
+    first, last = layers or (0, trace.n_layers - 1)
+    got = transitions.common_routes(trace, layers, top=5)
+    want = loop_routes(trace, first, last)
+    ranked = sorted(want.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:5]
+    assert got["layers"] == [first, last]
+    assert got["routed"] == sum(c for c, _ in want.values())
+    assert [r["experts"] for r in got["routes"]] == [list(route) for route, _ in ranked]
+    assert [r["tokens"] for r in got["routes"]] == [c for _, (c, _) in ranked]
+    assert got["routes"][0]["share"] == pytest.approx(ranked[0][1][0] / got["routed"])
+
+
+def test_common_routes_hand_computed():
+    # routes over 2 layers: (0,1) x2, (1,0) x1; token 3 has no expert at layer 1 -> no route
+    trace = tiny_trace([[[0, 1], [0, 2], [1, -1], [2, 0]], [[1, 0], [1, 2], [0, 2], [-1, -1]]], E=3)
+    got = transitions.common_routes(trace)
+    assert got == {
+        "layers": [0, 1],
+        "routed": 3,
+        "routes": [
+            {"experts": [0, 1], "tokens": 2, "share": 2 / 3},
+            {"experts": [1, 0], "tokens": 1, "share": 1 / 3},
+        ],
+    }
+
+
 def test_in_analyze_json_and_summary():
     trace = make_trace()
     result = metrics.analyze(trace)
@@ -129,6 +169,7 @@ def test_in_analyze_json_and_summary():
     pair = result["transitions"]["pairs"][0]
     assert np.array(pair["top1"]["conditional"], dtype=float).shape == (trace.n_experts,) * 2
     assert "layers" in result and "paths" in result  # the other keys stay
+    assert result["routes"] == transitions.common_routes(trace)
     text = metrics.summary_table(result)
     assert "Cross-layer transitions" in text
     assert f"top-1 {pair['top1']['predictability']:.3f}" in text
@@ -152,3 +193,45 @@ def test_report_shows_transition_heatmaps(tmp_path):
         assert f'<img alt="cross-layer transition heatmaps ({label})" src="data:image/png;base64,' in spec
     assert "predictability" in spec and "3→3" in spec  # the strongest top-1 link of make_trace's 0→1
     assert "<script" not in html
+
+
+def test_route_layout_tiles_each_expert_box_with_its_routes():
+    from moelab.interp.report.transitions import route_layout
+
+    routes = [
+        {"experts": [0, 1, 2], "tokens": 5},
+        {"experts": [0, 2, 2], "tokens": 3},
+        {"experts": [1, 1, 0], "tokens": 2},
+    ]
+    nodes, bands = route_layout(routes, gap=0.1)
+    boxes = {(n["column"], n["expert"]): (n["y0"], n["y1"]) for n in nodes}
+    assert sorted(boxes) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 2)]
+    # column 0: expert 0 holds routes 0 and 1 (0.5 + 0.3), then the gap, then expert 1 (route 2, 0.2)
+    assert boxes[0, 0] == pytest.approx((0.0, 0.8)) and boxes[0, 1] == pytest.approx((0.9, 1.1))
+    assert bands[0][0] == pytest.approx((0.0, 0.5)) and bands[1][0] == pytest.approx((0.5, 0.8))
+    for rank, route in enumerate(routes):
+        for column, expert in enumerate(route["experts"]):
+            y0, y1 = bands[rank][column]
+            assert y1 - y0 == pytest.approx(route["tokens"] / 10)  # width = share of the drawn tokens
+            box = boxes[column, expert]
+            assert box[0] - 1e-12 <= y0 < y1 <= box[1] + 1e-12
+    for (column, expert), (y0, y1) in boxes.items():  # a box is exactly as tall as its routes
+        inside = sum(r["tokens"] / 10 for r in routes if r["experts"][column] == expert)
+        assert y1 - y0 == pytest.approx(inside)
+
+
+def test_report_draws_the_route_diagram(tmp_path):
+    from moelab.interp.report.cards import _expert_cards
+    from moelab.interp.report.html import render_html
+    from moelab.interp.report.runs import Run
+
+    trace = make_trace()
+    analysis = metrics.analyze(trace)
+    run = Run(path=tmp_path, name="run", trace=trace, analysis=analysis)
+    run.cards = _expert_cards(trace, analysis, 10)
+    run.notes = {key: "missing" for key in ("metrics", "config", "checkpoint", "trace", "contextual")}
+    html = render_html([run])
+    first, last = analysis["routes"]["layers"]
+    assert f'<img alt="most common routes through layers {first}-{last}" src="data:image/png;base64,' in html
+    analysis["routes"] = transitions.common_routes(trace, (1, 1))  # one layer: no diagram
+    assert "most common routes" not in render_html([run])

@@ -370,15 +370,9 @@ def _layer_span(trace: Trace, layers: tuple[int, int] | None) -> tuple[int, int]
     return first, last
 
 
-def paths(trace: Trace, layers: tuple[int, int] | None = None) -> dict:
-    """Routes = tuples of top-1 experts over layers first..last (inclusive; default all).
-
-    Returns {"layers": [first, last], "distinct", "cover_80", "cover_95", "norm_entropy"}: the number
-    of distinct routes, the fewest routes that cover >= 80% / 95% of tokens, and the route entropy in
-    bits / ((last - first + 1) log2 E) (1 = uniform over all E^n routes). A token without any expert
-    at some layer of the span has no route and is left out.
-    """
-    first, last = _layer_span(trace, layers)
+def route_codes(trace: Trace, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """(code (T,), routed (T,) bool): equal codes = equal top-1 routes over layers first..last; routed is
+    False for a token without an expert at some layer of the span (its code is then meaningless)."""
     T, E = trace.n_tokens, trace.n_experts
     code = np.zeros(T, dtype=np.int64)  # route so far, renumbered densely (< T) after every layer
     routed = np.ones(T, dtype=bool)
@@ -389,6 +383,20 @@ def paths(trace: Trace, layers: tuple[int, int] | None = None) -> dict:
             top[sl] = _top1(trace.topk_ids[layer, sl])
         routed &= top >= 0
         code = np.unique(code * E + np.maximum(top, 0), return_inverse=True)[1].reshape(-1)
+    return code, routed
+
+
+def paths(trace: Trace, layers: tuple[int, int] | None = None) -> dict:
+    """Routes = tuples of top-1 experts over layers first..last (inclusive; default all).
+
+    Returns {"layers": [first, last], "distinct", "cover_80", "cover_95", "norm_entropy"}: the number
+    of distinct routes, the fewest routes that cover >= 80% / 95% of tokens, and the route entropy in
+    bits / ((last - first + 1) log2 E) (1 = uniform over all E^n routes). A token without any expert
+    at some layer of the span has no route and is left out.
+    """
+    first, last = _layer_span(trace, layers)
+    E = trace.n_experts
+    code, routed = route_codes(trace, first, last)
     counts = np.sort(np.unique(code[routed], return_counts=True)[1])[::-1]
     n = int(counts.sum())
     if n == 0:
@@ -683,6 +691,7 @@ def analyze(
         ("contextual", lambda: contextual(trace)),
         ("structure", lambda: structure.analysis(trace, results["load"], results["domains"])),
         ("transitions", lambda: transitions.analysis(trace)),
+        ("routes", lambda: transitions.common_routes(trace, path_layers)),
     ] + [(f"saturation {i}", lambda ref=ref: saturation(trace, ref)) for i, ref in enumerate(refs)]
     results = {}
     bar = tqdm(steps, desc="analyze", unit="metric", disable=not progress, file=sys.stderr, leave=False)
@@ -725,6 +734,7 @@ def analyze(
         "expert_continuity_all": results["continuity between all layers"],
         "paths": results["paths"],
         "transitions": results["transitions"],
+        "routes": results["routes"],
     }
     out["protocol"] = {
         "source": source,

@@ -21,6 +21,7 @@ import numpy as np
 from moelab.interp import metrics
 
 TOP_LINKS = 10  # (i -> j) links listed per layer pair and variant
+TOP_ROUTES = 12  # most common multi-layer routes listed (and drawn in the report)
 
 
 def joint_counts(trace, layer: int) -> dict[str, np.ndarray]:
@@ -42,6 +43,38 @@ def joint_counts(trace, layer: int) -> dict[str, np.ndarray]:
         w = np.broadcast_to(weight[:, None, None], keys.shape)
         topk += np.bincount(keys[valid], weights=w[valid], minlength=E * E)
     return {"top1": top1.reshape(E, E), "topk": topk.reshape(E, E)}
+
+
+def common_routes(trace, layers: tuple[int, int] | None = None, top: int = TOP_ROUTES) -> dict:
+    """The `top` most common top-1 routes over layers first..last (default all): {"layers": [first, last],
+    "routed": tokens with a route, "routes": [{"experts": [e_first, ..., e_last], "tokens", "share"}]},
+    most common first (ties: the route whose first token comes first). Routes as in `metrics.paths`."""
+    first, last = metrics._layer_span(trace, layers)
+    code, routed = metrics.route_codes(trace, first, last)
+    where = np.flatnonzero(routed)  # tokens with a route
+    _, first_token, counts = np.unique(code[where], return_index=True, return_counts=True)
+    order = np.lexsort((first_token, -counts))[:top]  # by count desc, then first occurrence
+    representative = where[first_token[order]]  # one token per chosen route, (R,)
+    experts = (
+        np.stack(
+            [
+                metrics._top1(np.asarray(trace.topk_ids[layer, representative]))
+                for layer in range(first, last + 1)
+            ],
+            axis=1,
+        )
+        if len(representative)
+        else np.zeros((0, last - first + 1), dtype=np.int64)
+    )  # (R, n)
+    n = int(len(where))
+    return {
+        "layers": [first, last],
+        "routed": n,
+        "routes": [
+            {"experts": [int(e) for e in row], "tokens": int(c), "share": int(c) / n}
+            for row, c in zip(experts, counts[order])
+        ],
+    }
 
 
 def _entropy_bits(p: np.ndarray) -> np.ndarray:
