@@ -116,6 +116,18 @@ def test_lens_cli_writes_the_file(workspace, capsys):
     assert "example:" in capsys.readouterr().out
 
 
+def test_lens_replaces_only_its_own_file(workspace, tmp_path):
+    out = tmp_path / "lens.json"
+    lens(workspace["ckpt"], workspace["tokens"], out=out, max_tokens=20, progress=False)
+    lens(workspace["ckpt"], workspace["tokens"], out=out, max_tokens=30, progress=False)  # its own: replaced
+    assert json.loads(out.read_text())["n_tokens"] == 30
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    with pytest.raises(MoelabError, match="not written by moelab lens"):
+        lens(workspace["ckpt"], workspace["tokens"], out=notes, max_tokens=20, progress=False)
+    assert notes.read_text() == '{"mine": 1}'
+
+
 def test_lens_rejects_bad_arguments(workspace):
     with pytest.raises(MoelabError, match="--top"):
         lens(workspace["ckpt"], workspace["tokens"], top=0, progress=False)

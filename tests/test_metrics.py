@@ -417,6 +417,7 @@ def test_analyze_is_json_with_every_key():
         "expert_continuity_all",
         "paths",
         "transitions",  # tests/test_transitions.py
+        "routes",  # tests/test_transitions.py
         "protocol",  # tests/test_protocol.py
         "preferred_differs",
         "contextual",

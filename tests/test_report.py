@@ -348,6 +348,17 @@ def test_balance_section_shows_the_last_max_vio_global(page):
     assert balance.count("<img") == 4  # MaxVio lines, load heatmaps, bias range, router entropy
 
 
+def test_final_max_vio_global_says_what_it_counts(page):
+    """The trainer validates on train.eval_batches batches, not the whole split: the label says so."""
+    balance = re.sub(r"<[^>]+>", "", section(page["html"], "balance"))
+    assert "whole set" not in balance
+    assert (
+        "4,096 tokens of train.eval_batches: 20 batches of the validation split, not the whole split"
+        in balance
+    )
+    assert "moelab eval RUN --data DIR" in balance
+
+
 def test_read_metrics_bins_are_exact_means(fake, monkeypatch, tmp_path):
     monkeypatch.setattr(report.runs, "LINE_BINS", 3)  # 20 lines -> bins merge twice, width 4
     monkeypatch.setattr(report.runs, "HEATMAP_BINS", 2)
@@ -440,7 +451,7 @@ def test_specialization_section_numbers(fake, page):
             cont = f"{np.mean([bool(set(ids[layer, t]) & set(ids[layer + 1, t])) for t in range(T)]):.3f}"
         row = rf"<td>{layer}</td>(<td>[^<]*</td>){{4}}<td>{cont}</td><td>{np.mean(best):.3f}</td>"
         assert re.search(row, spec)
-    assert "distinct routes" in spec and spec.count("<img") == 5  # 2: cross-layer transitions
+    assert "distinct routes" in spec and spec.count("<img") == 6  # 3: cross-layer transitions + routes
 
 
 def test_specialization_section_shows_the_nulls(fake, page):
@@ -653,6 +664,11 @@ def test_cli(fake, tmp_path):
     assert main(["report", str(fake["run"]), "--trace", "a", "--trace", "b"]) == 2  # one per run
     assert main(["report", str(fake["run"]), "--trace", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert main(["report", str(fake["run"]), "--out", str(tmp_path)]) == 2  # a directory, not a file
+    assert main(["report", str(fake["run"]), "--out", str(out)]) == 0  # its own report: replaced
+    notes = tmp_path / "notes.html"
+    notes.write_text("<p>somebody's page</p>")
+    assert main(["report", str(fake["run"]), "--out", str(notes)]) == 2  # not a report: untouched
+    assert notes.read_text() == "<p>somebody's page</p>"
 
 
 @pytest.mark.browser

@@ -8,6 +8,7 @@ copy of that file, so the checkpoint loads anywhere.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from moelab.io import atomic_dir
 from moelab.models import ARCHITECTURES, build
 
 WEIGHTS, CONFIG, TOKENIZER, MODEL_FILE = "model.safetensors", "config.yaml", "tokenizer.json", "model.py"
+STEP_DIR = re.compile(r"^step-(\d{7,})$")  # RUN_DIR/checkpoints/step-NNNNNNN; temporaries never match
 
 
 def write_model(
@@ -74,16 +76,37 @@ def save_checkpoint(
     return out
 
 
+def run_checkpoints(run_dir: str | Path, needs: tuple[str, ...] = (WEIGHTS, CONFIG)) -> list[Path]:
+    """A run's complete step checkpoints (each holding every file in `needs`), oldest first.
+
+    The newest of them is the run's checkpoint for every command (resume, eval, generate, trace,
+    to-hf, ...). `checkpoints/latest` is not read: a deleted pointer, or one a kill left behind the
+    newest rename, must not make commands disagree about which checkpoint a run has."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and all((p / name).is_file() for name in needs):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir from a checkpoint dir or a run dir (its checkpoints/latest)."""
+    """A checkpoint dir from a checkpoint dir or a run dir (its newest complete checkpoint)."""
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return path
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        return resolve_checkpoint(path / "checkpoints" / latest.read_text().strip())
+    found = run_checkpoints(path)
+    if found:
+        return found[-1]
     if not path.exists():
         raise MoelabError(f"{path} does not exist")
+    if (path / "checkpoints").is_dir():
+        raise MoelabError(
+            f"{path / 'checkpoints'} holds no complete checkpoint (step-N/ with {WEIGHTS} and {CONFIG})"
+        )
     raise MoelabError(f"{path} is not a checkpoint (no {WEIGHTS}) nor a run directory with checkpoints")
 
 

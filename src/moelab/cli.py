@@ -32,7 +32,19 @@ def _add(sub, name: str, help: str, example: str, **kw) -> argparse.ArgumentPars
     )
 
 
+def add_no_progress(p: argparse.ArgumentParser) -> None:
+    """--no-progress on a command that draws a progress bar."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either off a terminal)")
+
+
+def show_progress(args) -> bool:
+    """Progress bars only on a terminal (redrawn bars fill a log file) and unless --no-progress."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from moelab import __version__
+
     parser = argparse.ArgumentParser(
         prog="moelab",
         description="Build, train and analyse interpretable Mixture-of-Experts language models.",
@@ -40,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _add(
@@ -67,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "moelab convert from-hf hf/olmoe --out ckpt/olmoe",
     )
     c.add_argument("hf_dir")
-    c.add_argument("--out", required=True, help="checkpoint directory to write")
+    c.add_argument("--out", required=True, help="checkpoint directory to write (new or empty)")
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if an earlier `convert from-hf` wrote it (any other directory is refused)",
+    )
     c.set_defaults(func=cmd_convert_from_hf)
     c = _add(
         conv,
@@ -76,12 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
         "moelab convert to-hf ckpt/olmoe --out hf/olmoe",
     )
     c.add_argument("checkpoint")
-    c.add_argument("--out", required=True, help="transformers folder to write")
+    c.add_argument("--out", required=True, help="transformers folder to write (new or empty)")
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if an earlier `convert to-hf` wrote it (any other directory is refused)",
+    )
     c.add_argument(
         "--layout",
         choices=["fused", "per-expert"],
         default="fused",
         help="5.x fused expert tensors (default) or 4.x per-expert modules",
+    )
+    c.add_argument(
+        "--drop-balance-bias",
+        action="store_true",
+        help="export a loss-free-balancing model without its bias (transformers' OLMoE has none, so some "
+        "tokens route to other experts: prints how many, on a sample)",
     )
     c.set_defaults(func=cmd_convert_to_hf)
 
@@ -94,12 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint or run directory")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="prompt text (needs a tokenizer saved with the checkpoint)")
-    group.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    group.add_argument(
+        "--prompt-ids",
+        help="comma-separated token ids, e.g. 1,2,3 (decoded to text when the checkpoint has a tokenizer)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print {'ids': [...], 'text': ...}")
+    p.add_argument(
+        "--json", action="store_true", help="print {'prompt_ids': [...], 'ids': [...], 'text': ...}"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = _add(
@@ -121,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--take-edited-model",
+        action="store_true",
+        help="with --resume of an experiment: train its edited model.py, not the copy the checkpoint carries",
+    )
+    add_no_progress(p)
     p.add_argument(
         "--nproc",
         type=int,
@@ -191,6 +230,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moelab: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk outside the atomic writers (which report it themselves)
+        message = _disk_full_message(e, args)
+        if message is None:
+            raise
+        print(f"moelab: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _disk_full_message(e: Exception, args) -> str | None:
+    """The one line for a write that failed for lack of space, naming the file (or the command's --out)."""
+    from moelab.io import disk_full, is_disk_full
+
+    out = getattr(args, "out", None)
+    where = Path(e.filename) if isinstance(e, OSError) and e.filename else Path(out or ".")
+    if not is_disk_full(e, where if where.is_dir() else where.parent):
+        return None
+    hint = ""
+    if args.command == "train":
+        hint = "free some space, then continue the run with --resume (from its last checkpoint)"
+    return str(disk_full(where, hint=hint))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -199,12 +258,16 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_params(args) -> None:
     import torch
 
+    from moelab.checkpoint import run_checkpoints
     from moelab.config import load_config
     from moelab.models import build
 
-    config = load_config(args.config, args.overrides)
+    source = Path(args.config)
+    found = run_checkpoints(source) if source.is_dir() else []
+    if found:  # a run: the model its newest checkpoint holds (with its own copy of an experiment's file)
+        source = found[-1]
+    config = load_config(source, args.overrides)
     with torch.device("meta"):  # no memory: OLMoE-1B-7B is counted without allocating it
-        source = Path(args.config)
         counts = build(config, base_dir=source if source.is_dir() else source.parent).count_parameters()
     if args.json:
         print(json.dumps(counts))
@@ -216,31 +279,60 @@ def cmd_params(args) -> None:
 def cmd_convert_from_hf(args) -> None:
     from moelab.hf import convert_from_hf
 
-    out = convert_from_hf(args.hf_dir, args.out)
+    out = convert_from_hf(args.hf_dir, args.out, force=args.force)
     print(f"wrote moelab checkpoint {out}")
 
 
 def cmd_convert_to_hf(args) -> None:
-    from moelab.hf import convert_to_hf
+    from moelab.hf import balance_bias_effect, convert_to_hf
 
-    out = convert_to_hf(args.checkpoint, args.out, layout=args.layout)
+    drop = args.drop_balance_bias
+    out = convert_to_hf(
+        args.checkpoint, args.out, layout=args.layout, drop_balance_bias=drop, force=args.force
+    )
     print(f"wrote transformers folder {out} (load with OlmoeForCausalLM.from_pretrained)")
+    if drop:
+        print(format_bias_effect(balance_bias_effect(args.checkpoint)))
+
+
+def format_bias_effect(effect: dict) -> str:
+    """One line about what dropping the balancing bias does to routing (moelab.hf.balance_bias_effect)."""
+    if not effect["biased"]:
+        return "the balancing bias is zero: nothing was dropped and routing is unchanged"
+    n = effect["n_tokens"]
+    layers = " ".join(f"{c / n:.1%}" for c in effect["per_layer"])
+    return (
+        f"dropped the loss-free balancing bias: the top-k expert set changes for {effect['changed']:,} of "
+        f"{n:,} sampled tokens ({effect['changed'] / n:.1%}) in at least one layer; per layer {layers}. "
+        f"Sample: {effect['source']}"
+    )
 
 
 def cmd_generate(args) -> None:
     from moelab.checkpoint import load, resolve_checkpoint
     from moelab.generate import generate
 
+    if args.prompt is not None:
+        try:  # the shell hands undecodable bytes over as lone surrogates, which no tokenizer takes
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MoelabError(
+                "--prompt holds bytes that are not UTF-8 text; pass UTF-8 text or token ids (--prompt-ids)"
+            ) from None
+    from moelab.hf import refuse_hf_folder
+
+    refuse_hf_folder(args.checkpoint, "generate")
     ckpt = resolve_checkpoint(args.checkpoint)
     model = load(ckpt)
+    tok_file = ckpt / "tokenizer.json"
     tokenizer = None
-    if args.prompt is not None:
-        tok_file = ckpt / "tokenizer.json"
-        if not tok_file.is_file():
-            raise MoelabError(f"{ckpt} has no tokenizer.json; pass --prompt-ids 1,2,3 instead of --prompt")
+    if tok_file.is_file():  # also for --prompt-ids: the output is decoded to text
         from moelab.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tok_file)  # encodes exactly as the training data was encoded
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise MoelabError(f"{ckpt} has no tokenizer.json; pass --prompt-ids 1,2,3 instead of --prompt")
         prompt = tokenizer.encode(args.prompt)
     else:
         try:
@@ -271,12 +363,12 @@ def cmd_train(args) -> int | None:
     from moelab.train.distributed import shutdown
     from moelab.train.trainer import prepare_run, train
 
-    config, run_dir = prepare_run(args.config, args.overrides, args.out, args.resume)
+    config, run_dir = prepare_run(args.config, args.overrides, args.out, args.resume, args.take_edited_model)
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"run directory: {run_dir}")
     try:
-        record = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
+        record = train(config, run_dir, resume=args.resume, progress=show_progress(args))
     finally:
         shutdown()
     if not main_rank:
@@ -310,11 +402,13 @@ def _launch_torchrun(nproc: int, command: list[str]) -> int:
 
 
 def cmd_eval(args) -> None:
+    from moelab.hf import refuse_hf_folder
     from moelab.train.evaluate import evaluate, open_evaluation
 
     require_at_least(
         ("--batches", args.batches, 0), ("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 0)
     )
+    refuse_hf_folder(args.checkpoint, "eval")
     ckpt, model, val, device = open_evaluation(
         args.checkpoint, args.data, args.split, args.batch_size, args.seq_len
     )

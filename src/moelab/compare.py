@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moelab.demo import finished, prepare_data, step, trace_commands
+from moelab.demo import finished, has_checkpoint, prepare_data, step, trace_commands
 from moelab.interp.nulls import permuted as permuted  # the permuted-routes baseline (one implementation)
 from moelab.interp.structure import TOP_PATHS
 
@@ -35,7 +35,7 @@ def run_one(name: str, tokens: Path, steps: int | None, n: int) -> Path:
     config, run = CONFIGS / f"{name}.yaml", RUNS / name
     steps = steps or load_config(config).train.steps
     trained_now = not finished(run, steps)
-    resume = ["--resume"] if (run / "checkpoints" / "latest").is_file() else []
+    resume = ["--resume"] if has_checkpoint(run) else []
     head = f"[{n}/{len(NAMES)}] {name}"
     step(
         f"{head}: train {config}",

@@ -308,9 +308,18 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:  # an empty file would silently mean every default: the 6.9B OLMoE-1B-7B
+        raise ConfigError(
+            f"{path} is empty; write its sections (model:, data:, train:, ...), or `{{}}` to take "
+            "every default (OLMoE-1B-7B) on purpose"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, moe:, ...)")
     return data

@@ -37,6 +37,13 @@ def finished(run: Path, steps: int) -> bool:
     return ckpt is not None and int(ckpt.name.split("-")[1]) >= steps
 
 
+def has_checkpoint(run: Path) -> bool:
+    """Whether `train --resume` has something to resume (the trainer's own rule)."""
+    from moelab.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run) is not None
+
+
 def prepare_data(of: str) -> tuple[Path, Path, Path]:
     """Steps 1-3 of the demo (and of `make compare`): the embedded corpus, an 8k BPE, the tokens.
     Returns the corpus, tokenizer and tokens directories under data/demo/."""
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus, tok, tokens = prepare_data("/10")
     trace, ctx, report = RUN / "trace", RUN / "trace-contextual", RUN / "report.html"
     trained_now = not finished(RUN, steps)
-    resume = ["--resume"] if (RUN / "checkpoints" / "latest").is_file() else []
+    resume = ["--resume"] if has_checkpoint(RUN) else []
     step(
         "4/10 train the tiny MoE (configs/tiny-cpu.yaml)",
         not trained_now,

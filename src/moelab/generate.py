@@ -12,6 +12,7 @@ in-distribution (training predicts it too), so a prompt of N tokens yields at mo
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,8 +68,10 @@ def generate_steps(
     prompt = _prompt_tensor(prompt_ids, cfg.vocab_size, next(model.parameters()).device)  # (1, N)
     if max_new_tokens < 0:
         raise MoelabError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise MoelabError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # written so that NaN fails too
+        raise MoelabError(
+            f"temperature={temperature} must be a finite number >= 0 and top_p={top_p} in (0, 1]"
+        )
     n = prompt.shape[1]
     if n > cfg.max_seq_len:
         raise MoelabError(

@@ -6,7 +6,7 @@ Each command calls the `cmd_*` function of the module that does the work (import
 
 from __future__ import annotations
 
-from moelab.cli import lazy
+from moelab.cli import add_no_progress, lazy
 
 
 def _lazy(module: str, func: str):
@@ -35,6 +35,7 @@ def add_commands(sub, add) -> None:
         "--val-fraction", type=float, default=0.05, help="share of documents held out (by document)"
     )
     p.add_argument("--seed", type=int, default=0)
+    add_no_progress(p)
     p.set_defaults(func=_lazy("corpus", "cmd_corpus"))
 
     p = add(
@@ -49,6 +50,7 @@ def add_commands(sub, add) -> None:
     p.add_argument("--shard-size", type=int, default=10000, help="documents per JSONL shard")
     p.add_argument("--val-samples", type=int, default=1000, help="documents in the validation shard")
     p.add_argument("--min-score", type=float, default=None, help="keep documents with edu score >= S")
+    add_no_progress(p)
     p.set_defaults(func=_lazy("download", "cmd_download"))
 
     p = add(
@@ -64,6 +66,7 @@ def add_commands(sub, add) -> None:
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share of documents")
     p.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text")
     p.add_argument("--seed", type=int, default=0)
+    add_no_progress(p)
     p.set_defaults(func=_lazy("tokenize", "cmd_tokenize"))
 
     tok = add(
@@ -83,6 +86,7 @@ def add_commands(sub, add) -> None:
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--text-field", default="text")
+    add_no_progress(p)
     p.set_defaults(func=_lazy("tokenizer", "cmd_train"))
     p = add(
         tsub,

@@ -290,7 +290,7 @@ def _docstrings(tree: ast.Module, module: str) -> list[str]:
     return out
 
 
-def stdlib_docstrings(root: Path | None = None) -> list[Document]:
+def stdlib_docstrings(root: Path | None = None, progress: bool = True) -> list[Document]:
     """One document per stdlib module that has docstrings (tests, idlelib and site-packages skipped)."""
     root = Path(root) if root is not None else stdlib_root()
     if not root.is_dir():
@@ -301,7 +301,9 @@ def stdlib_docstrings(root: Path | None = None) -> list[Document]:
     )
     docs = []
     with _no_gc():
-        for path in tqdm(files, desc="stdlib docstrings", unit="file", leave=False, disable=None):
+        for path in tqdm(
+            files, desc="stdlib docstrings", unit="file", leave=False, disable=None if progress else True
+        ):
             if doc := _module_document(root, path, version):
                 docs.append(doc)
     return docs
@@ -417,6 +419,7 @@ def build_corpus(
     seed: int = 0,
     *,
     stdlib: str | Path | None = None,
+    progress: bool = True,
 ) -> dict:
     """Write out/train.jsonl, out/val.jsonl and out/metadata.json (atomically); return the metadata.
 
@@ -470,7 +473,7 @@ def build_corpus(
         )
     if failures:
         log.warning("skipping %s (registry unreachable: %s)", ", ".join(skipped), "; ".join(failures))
-    technical = stdlib_docstrings(root)
+    technical = stdlib_docstrings(root, progress)
     docs += technical
     sources.append(
         {
@@ -550,7 +553,15 @@ def _row(name: str, v: list[int]) -> tuple[str, ...]:
 
 
 def cmd_corpus(args) -> None:
-    meta = build_corpus(args.out, cache=args.cache, val_fraction=args.val_fraction, seed=args.seed)
+    from moelab.cli import show_progress
+
+    meta = build_corpus(
+        args.out,
+        cache=args.cache,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        progress=show_progress(args),
+    )
     print(summary_table(meta))
     if meta["skipped"]:
         print(f"skipped (no registry): {', '.join(meta['skipped'])}; run again online to add them")

@@ -167,6 +167,7 @@ def download_fineweb_edu(
     stream: Iterable[dict] | None = None,
     *,
     config: str = DEFAULT_CONFIG,
+    progress: bool = True,
 ) -> dict:
     """Write FineWeb-Edu JSONL shards (fields text, id, url, score) to `out`; return the metadata.
 
@@ -223,7 +224,13 @@ def download_fineweb_edu(
     _write_meta(out, meta | _shard_summary(plan[:done]))
     skip = plan[done][1]
     exhausted = False
-    with tqdm(total=val_samples + samples, initial=skip, desc=FINEWEB_EDU, unit="doc", disable=None) as bar:
+    with tqdm(
+        total=val_samples + samples,
+        initial=skip,
+        desc=FINEWEB_EDU,
+        unit="doc",
+        disable=None if progress else True,
+    ) as bar:
         docs = _accepted(rows, min_score)
         for _ in itertools.islice(docs, skip):  # covered by complete shards
             pass
@@ -281,8 +288,15 @@ def _finish(out: Path, meta: dict, plan: list[tuple[str, int, int]], complete: b
 
 
 def cmd_download(args) -> None:
+    from moelab.cli import show_progress
+
     meta = download_fineweb_edu(
-        args.out, args.samples, args.shard_size, args.val_samples, min_score=args.min_score
+        args.out,
+        args.samples,
+        args.shard_size,
+        args.val_samples,
+        min_score=args.min_score,
+        progress=show_progress(args),
     )
     print(
         f"{args.out}: {meta['train_documents']:,} training documents in {len(meta['train'])} shards, "

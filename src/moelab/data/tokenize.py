@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from moelab.data.tokenizer import MoeTokenizer, load_tokenizer
 from moelab.errors import MoelabError
-from moelab.io import atomic_dir
+from moelab.io import atomic_dir, disk_full, is_disk_full, tree_size
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ def tokenize_files(
     with atomic_dir(out) as tmp, _serial_tokenizers():
         writers = {s: _SplitWriter(tmp / f"{s}.bin") for s in ("train", "val")}
         encoder = _Encoder(tok, dtype, workers, val_fraction, seed)
-        ok = False
+        ok, done_bytes = False, 0  # input bytes tokenized
         try:
             docs = iter_documents(files, text_field=text_field, stats=stats)
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
@@ -484,13 +484,21 @@ def tokenize_files(
                         np.int64
                     )
                     token_is_val = np.repeat(is_val, lengths)  # (n_tokens,) split of each token
+                    chunk_bytes = sum(d.nbytes for d in chunk)
+                    done_bytes += chunk_bytes
                     writers["train"].add(tokens[~token_is_val], lengths[~is_val], labels[~is_val])
                     writers["val"].add(tokens[token_is_val], lengths[is_val], labels[is_val])
-                    bar.update(sum(d.nbytes for d in chunk))
+                    bar.update(chunk_bytes)
                     bar.set_postfix(
                         tokens=f"{writers['train'].n_tokens + writers['val'].n_tokens:,}", refresh=False
                     )
             ok = True
+        except Exception as e:
+            if not is_disk_full(e, tmp):
+                raise
+            # the output grows with the input: what was written so far, scaled to all of it
+            needed = tree_size(tmp) * total_bytes // done_bytes if done_bytes else None
+            raise disk_full(out, needed=needed) from None
         finally:
             encoder.close(ok)
             for w in writers.values():
@@ -545,6 +553,8 @@ def tokenize_files(
 
 
 def cmd_tokenize(args) -> None:
+    from moelab.cli import show_progress
+
     meta = tokenize_files(
         args.inputs,
         args.tokenizer,
@@ -553,6 +563,7 @@ def cmd_tokenize(args) -> None:
         val_fraction=args.val_fraction,
         text_field=args.text_field,
         seed=args.seed,
+        progress=show_progress(args),
     )
     for split, s in meta["splits"].items():
         print(f"{split}: {s['tokens']:,} tokens in {s['documents']:,} documents")

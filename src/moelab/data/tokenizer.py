@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
 
 from moelab.data.pypi import default_cache, pip_download
 from moelab.errors import MoelabError
@@ -239,16 +240,18 @@ def train_tokenizer(
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN, PAD_TOKEN],  # ids TRAINED_EOS_ID, TRAINED_PAD_ID
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
+        show_progress=False,  # its bar writes blank lines to stdout even off a terminal: counted below
     )
     counts = {"documents": 0}
 
     def texts():
         for doc in iter_documents(files, text_field=text_field):
             counts["documents"] += 1
+            bar.update()
             yield doc.text
 
-    tok.train_from_iterator(texts(), trainer)
+    with tqdm(desc="tokenizer: read", unit="doc", disable=not progress, leave=False) as bar:
+        tok.train_from_iterator(texts(), trainer)
     if counts["documents"] == 0:
         raise MoelabError(f"no documents in {', '.join(map(str, inputs))}; nothing to train on")
     assert tok.token_to_id(EOS_TOKEN) == TRAINED_EOS_ID and tok.token_to_id(PAD_TOKEN) == TRAINED_PAD_ID
@@ -295,7 +298,11 @@ def _check_out_dir(out: Path) -> None:
 
 
 def cmd_train(args) -> None:
-    out = train_tokenizer(args.inputs, args.vocab_size, args.out, text_field=args.text_field)
+    from moelab.cli import show_progress
+
+    out = train_tokenizer(
+        args.inputs, args.vocab_size, args.out, text_field=args.text_field, progress=show_progress(args)
+    )
     tok = load_tokenizer(out)
     ids = f"eos {EOS_TOKEN}={tok.eos_id}, pad {PAD_TOKEN}={tok.pad_id}"
     print(f"vocab size {tok.vocab_size} (asked {args.vocab_size}); {ids}; hash {tok.hash[:12]}")

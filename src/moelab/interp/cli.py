@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moelab.cli import lazy
+from moelab.cli import add_no_progress, lazy
 
 
 def _lazy(module: str, func: str):
@@ -32,6 +32,7 @@ def add_commands(sub, add) -> None:
         help="also store predicted_ids (argmax of the logits) and next_ids (true next token, -1 = none)",
     )
     p.add_argument("--out", required=True, help="trace directory to write")
+    add_no_progress(p)
     p.set_defaults(func=_lazy("trace", "cmd_trace"))
 
     p = add(
@@ -51,6 +52,7 @@ def add_commands(sub, add) -> None:
     p.add_argument("--seq-len", type=int, default=0, help="window length (default: the model's data.seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="JSON file to write (default: RUN/lens.json for a moelab run)")
+    add_no_progress(p)
     p.set_defaults(func=_lazy("lens", "cmd_lens"))
 
     p = add(
@@ -115,6 +117,7 @@ def add_commands(sub, add) -> None:
         metavar="LENS_JSON",
         help="include an expert logit lens (moelab lens) of the traced model under the key `lens`",
     )
+    add_no_progress(p)
     p.set_defaults(func=_lazy("metrics", "cmd_analyze"))
 
     p = add(
@@ -136,6 +139,7 @@ def add_commands(sub, add) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    add_no_progress(p)
     p.set_defaults(func=_lazy("interventions", "cmd_ablate"))
 
     p = add(
@@ -153,4 +157,5 @@ def add_commands(sub, add) -> None:
         help="trace dir per run, in the runs' order: DIR or DATA_DIR,CONTEXTUAL_DIR "
         "(default: RUN_DIR/trace and RUN_DIR/trace-contextual)",
     )
+    add_no_progress(p)
     p.set_defaults(func=_lazy("report", "cmd_report"))

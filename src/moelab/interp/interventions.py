@@ -285,7 +285,9 @@ def ablation_report(
                or None, "random_note": what the random runs are, or why there are none,
      "spec": {intervention, "n_random", "seed", "max_batches"}}.
     Random runs draw their experts with torch.Generator().manual_seed(seed) (see `random_like`); std is
-    the sample standard deviation (None below 2 runs); z = (delta - mean_delta) / std_delta.
+    the sample standard deviation (None below 2 runs); z = (delta - mean_delta) / std_delta, or None
+    when std_delta < ZERO_STD (the random runs agree to the printed precision: a z-score would only
+    divide by rounding noise).
     """
     from moelab.train.evaluate import evaluate
 
@@ -342,7 +344,7 @@ def ablation_report(
             "std_delta": std,
             "domain_mean_delta": {d: m for d, (m, _) in stats.items()},
             "domain_std_delta": {d: s for d, (_, s) in stats.items()},
-            "z": (delta["loss"] - mean) / std if std else None,
+            "z": (delta["loss"] - mean) / std if std is not None and std >= ZERO_STD else None,
             "runs": runs,
         }
         what = []
@@ -368,6 +370,9 @@ def ablation_report(
         "random_note": note,
         "spec": {**spec.to_json(), "n_random": len(random_specs), "seed": seed, "max_batches": max_batches},
     }
+
+
+ZERO_STD = 5e-5  # nats; a std below this prints as 0.0000 and is taken as zero (no z-score)
 
 
 def _delta(base: dict, other: dict) -> dict:
@@ -452,7 +457,9 @@ def cmd_ablate(args) -> None:
     import json
 
     from moelab.checkpoint import CONFIG, resolve_checkpoint
+    from moelab.cli import show_progress
     from moelab.config import load_config
+    from moelab.hf import refuse_hf_folder
     from moelab.train.evaluate import open_evaluation
 
     require_at_least(
@@ -460,6 +467,7 @@ def cmd_ablate(args) -> None:
         ("--batches", args.batches, 0),
         ("--batch-size", args.batch_size, 1),
     )
+    refuse_hf_folder(args.checkpoint, "ablate")
     ckpt = resolve_checkpoint(args.checkpoint)
     if not (ckpt / CONFIG).is_file():
         raise MoelabError(f"checkpoint {ckpt} has no {CONFIG}")
@@ -475,7 +483,7 @@ def cmd_ablate(args) -> None:
         seed=args.seed,
         max_batches=args.batches,
         device=device,
-        progress=not args.json,
+        progress=show_progress(args),
     )
     report["spec"].update(checkpoint=str(ckpt), data=str(args.data), split=args.split)
     if args.json:
@@ -523,6 +531,12 @@ def format_report(report: dict) -> str:
     for name, d in delta["domain_loss"].items():
         m, s = (rand["domain_mean_delta"][name], rand["domain_std_delta"][name]) if rand else (None, None)
         lines.append(row("  " + name, base["domain_loss"][name], inter["domain_loss"][name], d, m, s))
-    if rand is not None and rand["z"] is not None and math.isfinite(rand["z"]):
+    if rand is not None and rand["std_delta"] is not None and rand["std_delta"] < ZERO_STD:
+        lines.append(
+            f"\nthe random ablations' std is zero (all {spec['n_random']} changed the loss by "
+            f"{rand['mean_delta']:+.4f}), so Δ is not expressed in standard deviations; it differs from "
+            f"their mean by {delta['loss'] - rand['mean_delta']:+.4f}"
+        )
+    elif rand is not None and rand["z"] is not None and math.isfinite(rand["z"]):
         lines.append(f"\nΔ is {rand['z']:+.1f} standard deviations from the random ablations' mean")
     return "\n".join(lines)

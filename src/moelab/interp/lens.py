@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import MoelabError, require_at_least
-from moelab.io import atomic_file
+from moelab.io import atomic_file, refuse_foreign_file
 
 FORMAT = "moelab-lens/1"
 
@@ -243,6 +243,8 @@ def lens(
         raise MoelabError(
             f"{run} is a transformers folder; pass --out FILE for the lens (nothing is written there)"
         )
+    out = Path(out) if out is not None else run / "lens.json"
+    refuse_foreign_file(out, f'"format": "{FORMAT}"', "moelab lens")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     subject = _hf_subject(run, device) if hf else _moelab_subject(run, device)
     tokenizer = load_tokenizer(subject.tokenizer_path) if subject.tokenizer_path else None
@@ -296,7 +298,6 @@ def lens(
         "tokenizer_hash": tokenizer.hash if tokenizer else None,
         "layers": layers,
     }
-    out = Path(out) if out is not None else run / "lens.json"
     with atomic_file(out) as fh:
         json.dump(result, fh, indent=1)
     return result
@@ -337,6 +338,8 @@ def summarize(result: dict, per_expert: int = 5) -> str:
 
 
 def cmd_lens(args) -> None:
+    from moelab.cli import show_progress
+
     result = lens(
         args.run,
         args.data,
@@ -346,6 +349,7 @@ def cmd_lens(args) -> None:
         top=args.top,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
+        progress=show_progress(args),
     )
     print(summarize(result))
     out = Path(args.out) if args.out else Path(args.run) / "lens.json"

@@ -892,6 +892,8 @@ def cmd_analyze(args) -> None:
         from moelab.interp.saturation_series import cmd_saturation
 
         return cmd_saturation(args)
+    from moelab.cli import show_progress
+
     for flag in ("data", "split", "max_tokens"):
         if getattr(args, flag, None) is not None:
             raise MoelabError(f"--{flag.replace('_', '-')} only applies with --saturation")
@@ -912,7 +914,7 @@ def cmd_analyze(args) -> None:
         min_count=args.min_count,
         path_layers=layers,
         compare=refs[0] if len(refs) == 1 else refs or None,
-        progress=sys.stderr.isatty(),
+        progress=show_progress(args),
         k=getattr(args, "k", None),
         coactivation_pairs=getattr(args, "coactivation", "all"),
         source=getattr(args, "source", "recorded"),

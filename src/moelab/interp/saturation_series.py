@@ -15,7 +15,6 @@ RUN/saturation.png plots the per-layer curves (thin) and their mean (thick) agai
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -40,7 +39,11 @@ def run_data_path(run_dir: Path) -> tuple[str, str]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise MoelabError(f"no config.yaml in {run_dir}; pass --data DIR (a tokenized split)")
-    data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
+    try:
+        data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
+        first = str(e).splitlines()[0]
+        raise MoelabError(f"{path} is not a readable config ({first}); pass --data DIR") from None
     return str(data.get("path", "data/tokens")), str(data.get("val_split", "val"))
 
 
@@ -151,6 +154,8 @@ def table(result: dict) -> str:
 
 def cmd_saturation(args) -> None:
     """`moelab analyze RUN --saturation [--data DIR] [--split S] [--max-tokens N] [--json]`."""
+    from moelab.cli import show_progress
+
     run_dir = Path(args.trace)
     max_tokens = args.max_tokens if args.max_tokens is not None else DEFAULT_MAX_TOKENS
     result = saturation_series(
@@ -159,7 +164,7 @@ def cmd_saturation(args) -> None:
         split=args.split,
         max_tokens=max_tokens,
         batch_size=args.batch_size,
-        progress=sys.stderr.isatty(),
+        progress=show_progress(args),
     )
     write_json(result, run_dir / JSON_NAME)
     plot(result, run_dir / PNG_NAME)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from moelab.errors import MoelabError, require_at_least
-from moelab.io import atomic_dir
+from moelab.io import atomic_dir, disk_full, free_bytes, reserve
 from moelab.models.base import model_routers
 from moelab.moe.routing import RoutingInfo
 from moelab.train.device import autocast_for
@@ -247,8 +247,39 @@ def _next_and_predicted(chunk: Chunk, predicted: torch.Tensor, valid: torch.Tens
     return nxt.reshape(-1)[keep].numpy(), pred[keep].numpy()
 
 
+def trace_arrays(
+    n_tokens: int, router: Router, router_probs: bool, contextual: bool, k: int, predictions: bool = False
+) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Name -> (shape, dtype) of the arrays a trace holds (see TraceWriter)."""
+    L, T, E = router.n_layers, n_tokens, router.n_experts
+    shapes = {
+        "token_ids": ((T,), np.int32),
+        "doc_ids": ((T,), np.int64),
+        "positions": ((T,), np.int32),
+        "domains": ((T,), np.int16),
+        "topk_ids": ((L, T, k), np.int16),
+        "topk_weights": ((L, T, k), np.float32),
+    }
+    if router_probs:
+        shapes["router_probs"] = ((L, T, E), np.float16)
+    if predictions:
+        shapes.update(predicted_ids=((T,), np.int32), next_ids=((T,), np.int32))
+    if contextual:
+        shapes.update(
+            context_word=((T,), np.int16), context_sense=((T,), np.int16), context_target=((T,), np.bool_)
+        )
+    return shapes
+
+
+def trace_bytes(arrays: dict[str, tuple[tuple[int, ...], type]]) -> int:
+    """Disk space the .npy files take: data, header, and a block of slack each (plus meta.json)."""
+    data = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
+    return data + 4096 * (len(arrays) + 1) + (1 << 20)
+
+
 class TraceWriter:
-    """Pre-sized .npy files filled chunk by chunk (np.lib.format.open_memmap)."""
+    """Pre-sized .npy files filled chunk by chunk (np.lib.format.open_memmap). Their blocks are
+    allocated up front (`reserve`), so a disk that fills fails here, not as SIGBUS mid-trace."""
 
     def __init__(
         self,
@@ -262,27 +293,12 @@ class TraceWriter:
     ):
         """k: the columns of topk_ids (top_k, or top_k · depth for a tree router's distinct experts);
         predictions: also predicted_ids and next_ids (T,) int32 (`add` then needs the predicted ids)."""
-        L, T, E = router.n_layers, n_tokens, router.n_experts
-        shapes = {
-            "token_ids": ((T,), np.int32),
-            "doc_ids": ((T,), np.int64),
-            "positions": ((T,), np.int32),
-            "domains": ((T,), np.int16),
-            "topk_ids": ((L, T, k), np.int16),
-            "topk_weights": ((L, T, k), np.float32),
-        }
-        if router_probs:
-            shapes["router_probs"] = ((L, T, E), np.float16)
-        if predictions:
-            shapes.update(predicted_ids=((T,), np.int32), next_ids=((T,), np.int32))
-        if contextual:
-            shapes.update(
-                context_word=((T,), np.int16), context_sense=((T,), np.int16), context_target=((T,), np.bool_)
-            )
-        self.arrays = {
-            name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-            for name, (shape, dtype) in shapes.items()
-        }
+        shapes = trace_arrays(n_tokens, router, router_probs, contextual, k, predictions)
+        self.arrays = {}
+        for name, (shape, dtype) in shapes.items():
+            path = directory / f"{name}.npy"
+            self.arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            reserve(path)
         self.filled = 0
 
     def add(self, chunk: Chunk, routing: list[RoutingInfo], predicted: torch.Tensor | None = None) -> int:
@@ -405,6 +421,10 @@ def trace(
         n_tokens = min(dataset.n_tokens, max_tokens) if max_tokens else dataset.n_tokens
         chunks = data_chunks(dataset, seq_len or router.seq_len, batch_size, n_tokens)
         meta["domains"], meta["data"] = list(dataset.domain_names), f"{data}:{split}"
+    needed = trace_bytes(trace_arrays(n_tokens, router, router_probs, contextual, slots, predictions))
+    if needed > free_bytes(out.parent):  # checked before pre-sizing: see TraceWriter
+        hint = "free some space, choose another --out, or trace fewer tokens (--max-tokens)"
+        raise disk_full(out, needed=needed, hint=hint, before=True)
     with atomic_dir(out) as tmp:
         writer = TraceWriter(tmp, n_tokens, router, router_probs, contextual, slots, predictions)
         with tqdm(total=n_tokens, desc="trace", unit="tok", unit_scale=True, disable=not progress) as bar:
@@ -424,6 +444,8 @@ def trace(
 
 
 def cmd_trace(args) -> None:
+    from moelab.cli import show_progress
+
     out = trace(
         args.model,
         args.out,
@@ -435,6 +457,7 @@ def cmd_trace(args) -> None:
         batch_size=args.batch_size,
         router_probs=args.router_probs,
         predictions=getattr(args, "predictions", False),
+        progress=show_progress(args),
     )
     meta = json.loads((out / "meta.json").read_text())
     print(

@@ -127,6 +127,23 @@ def _check_structure(meta: dict, bad) -> None:
             )
 
 
+def _not_a_trace(path: Path) -> str:
+    """Why `path` is no trace, and the command that makes one (never one that would write into a run)."""
+    make = "create one with `moelab trace MODEL --data DATA --out TRACE_DIR`"
+    if path.is_file():
+        return f"{path} is a file, not a trace directory; pass a directory `moelab trace` wrote, or {make}"
+    if not path.exists():
+        return f"trace {path} does not exist; {make.replace('TRACE_DIR', str(path))}"
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        return (
+            f"{path} is a run directory, not a trace; trace it with `moelab trace {path} --data DATA "
+            f"--out {path / 'trace'}` and analyze that, or run `moelab analyze {path} --saturation`"
+        )
+    if (path / "model.safetensors").is_file() or (path / "config.json").is_file():
+        return f"{path} is a model, not a trace; trace it: `moelab trace {path} --data DATA --out TRACE_DIR`"
+    return f"{path} has no meta.json, so it is not a trace; {make}"
+
+
 def _numpy(x) -> np.ndarray | None:
     if x is None:
         return None
@@ -179,10 +196,7 @@ class Trace:
         dir = Path(dir)
         meta_path = dir / "meta.json"
         if not meta_path.is_file():
-            what = "has no meta.json" if dir.is_dir() else "does not exist"
-            raise MoelabError(
-                f"trace {dir} {what}; create one with `moelab trace MODEL --data DATA --out {dir}`"
-            )
+            raise MoelabError(_not_a_trace(dir))
         try:
             raw = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -5,22 +5,21 @@ cursor and every RNG state. The balancing biases are buffers, so they are in mod
 A run on several ranks saves the same files from rank 0, with every tensor whole (expert and FSDP2
 shards gathered; optimizer moments too), so any world size and `moelab.load` read it.
 Directories are written atomically; `latest` is a small text file naming the newest one; only the
-newest `keep_last` are kept.
+newest `keep_last` are kept (older ones are renamed to a hidden temporary, then deleted).
 """
 
 from __future__ import annotations
 
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moelab.checkpoint import WEIGHTS, copy_tokenizer, load_weights, write_model
+from moelab.checkpoint import CONFIG, WEIGHTS, copy_tokenizer, load_weights, run_checkpoints, write_model
 from moelab.errors import MoelabError
-from moelab.io import atomic_dir, atomic_file
+from moelab.io import DiskFullError, atomic_dir, atomic_file, disk_full, remove_tree, tree_size
 
 STATE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -60,33 +59,47 @@ def save_training_checkpoint(
     """weights: the whole state dict when the model is sharded across ranks (None: the model's own)."""
     ckpt_root = run_dir / "checkpoints"
     out = ckpt_root / f"step-{step:07d}"
-    with atomic_dir(out) as tmp:
-        write_model(tmp, model, config, weights)
-        if tokenizer is not None and tokenizer.is_file():
-            copy_tokenizer(tokenizer, tmp)
-        torch.save(train_state, tmp / STATE)
-    with atomic_file(ckpt_root / "latest") as fh:
-        fh.write(out.name + "\n")
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    previous = list_checkpoints(run_dir)
+    try:
+        with atomic_dir(out) as tmp:
+            write_model(tmp, model, config, weights)
+            if tokenizer is not None and tokenizer.is_file():
+                copy_tokenizer(tokenizer, tmp)
+            torch.save(train_state, tmp / STATE)
+        with atomic_file(ckpt_root / "latest") as fh:
+            fh.write(out.name + "\n")
+    except DiskFullError:
+        # one checkpoint's size is what the next one needs; the run goes on from the last complete one
+        resume = f"moelab train {run_dir / 'config.yaml'} --out {run_dir} --resume"
+        hint = "free some space, then continue with: " + resume
+        if previous:
+            hint = f"{hint} (from {previous[-1].name})"
+        raise disk_full(out, needed=tree_size(previous[-1]) if previous else None, hint=hint) from None
+    for old in _prunable(run_dir, step, keep_last):
+        remove_tree(old)  # renamed first: a kill mid-delete leaves a temporary, never a half step-N
     return out
 
 
+def _prunable(run_dir: Path, step: int, keep_last: int) -> list[Path]:
+    """Complete checkpoints beyond the newest `keep_last`, and step directories older than `step`
+    that lack their training state (left half-deleted by a run killed while pruning)."""
+    complete = list_checkpoints(run_dir)
+    old = complete[:-keep_last] if keep_last > 0 else []
+    for path in (run_dir / "checkpoints").iterdir():
+        m = _STEP_DIR.match(path.name)
+        if m and int(m.group(1)) < step and path.is_dir() and path not in complete:
+            old.append(path)
+    return old
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete step checkpoints, oldest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    """Complete training checkpoints (weights, config and training state), oldest first."""
+    return run_checkpoints(run_dir, (WEIGHTS, CONFIG, STATE))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        path = run_dir / "checkpoints" / pointer.read_text().strip()
-        if (path / STATE).is_file():
-            return path
+    """The newest complete training checkpoint: the rule of moelab.checkpoint.resolve_checkpoint, which
+    every other command uses, plus the training state."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.data.loader import PackedLoader, TokenDataset
+from moelab.errors import MoelabError
 from moelab.train.device import autocast_for
 from moelab.train.telemetry import max_violation
 
@@ -96,10 +97,12 @@ def evaluate(model, val: ValLoader, max_batches: int, device, autocast=None) -> 
 def open_evaluation(checkpoint, data, split: str, batch_size: int, seq_len: int = 0):
     """(checkpoint dir, model on the best device, ValLoader, device) for `moelab eval` and `moelab ablate`.
 
-    Refuses data tokenized with another tokenizer than the checkpoint's. seq_len 0 = the checkpoint's
-    data.seq_len, capped by the split's length.
+    Refuses data tokenized with another tokenizer than the checkpoint's, and a seq_len beyond the
+    model's positions (model.max_seq_len: its loss would mean nothing). seq_len 0 = the checkpoint's
+    data.seq_len, capped by the model's positions and the split's length.
     """
-    from moelab.checkpoint import TOKENIZER, load, resolve_checkpoint
+    from moelab.checkpoint import CONFIG, TOKENIZER, load, resolve_checkpoint
+    from moelab.config import load_config
     from moelab.data.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -107,6 +110,14 @@ def open_evaluation(checkpoint, data, split: str, batch_size: int, seq_len: int 
     if (ckpt / TOKENIZER).is_file():
         dataset.check_tokenizer(load_tokenizer(ckpt / TOKENIZER).hash)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if seq_len and (ckpt / CONFIG).is_file():  # before loading the weights: refusals are instant
+        positions = load_config(ckpt / CONFIG).model.max_seq_len
+        if seq_len > positions:
+            raise MoelabError(
+                f"--seq-len {seq_len} is longer than the {positions} positions of {ckpt} "
+                f"(model.max_seq_len); give --seq-len <= {positions}"
+            )
     model = load(ckpt, device=device)
-    seq_len = min(seq_len or model.config.data.seq_len, dataset.n_tokens - 1)
+    mc = model.config
+    seq_len = min(seq_len or mc.data.seq_len, mc.model.max_seq_len, dataset.n_tokens - 1)
     return ckpt, model, ValLoader(dataset, seq_len, batch_size), device

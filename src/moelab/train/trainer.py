@@ -15,6 +15,7 @@ stops all of them at the same step). Rank 0 alone logs and writes checkpoints of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from moelab.checkpoint import TOKENIZER
-from moelab.config import Config, load_config, save_config
+from moelab.checkpoint import MODEL_FILE, TOKENIZER
+from moelab.config import Config, save_config
 from moelab.data.loader import PackedLoader, TokenDataset
 from moelab.data.tokenizer import load_tokenizer
 from moelab.errors import MoelabError
@@ -52,6 +53,8 @@ from moelab.train.evaluate import evaluate, make_val_loader
 from moelab.train.loggers import Loggers
 from moelab.train.optim import build_optimizer, clip_grad_groups, lr_at
 from moelab.train.parallel import parallelize
+from moelab.train.run_dir import logged_val, prepare_run, run_model_file  # noqa: F401 (prepare_run: API)
+from moelab.train.runlock import RunLock
 from moelab.train.telemetry import (
     WidthGroups,
     balance_bias_range,
@@ -96,33 +99,29 @@ class _SignalGuard:
             signal.signal(sig, handler)
 
 
-def prepare_run(config_path: str | Path, overrides: list[str], out: Path | None, resume: bool):
-    """The run directory and its config. On --resume, the run's saved config (plus overrides) wins."""
-    config_path = Path(config_path)
-    config_dir = config_path if config_path.is_dir() else config_path.parent
-    if out is None:
-        out = Path("runs") / (config_path.name if config_path.is_dir() else config_path.stem)
-    saved = out / "config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise MoelabError(f"--resume: {out} has no config.yaml; start the run without --resume first")
-        config = load_config(saved, overrides)
-    else:
-        config = load_config(config_path, overrides)
-        if latest_checkpoint(out) is not None:
-            raise MoelabError(f"{out} already holds checkpoints; pass --resume to continue or --out NEW_DIR")
-    arch = Path(config.model.arch)
-    if arch.suffix == ".py" and not arch.is_absolute() and not resume:
-        config.model.arch = str((config_dir / arch).resolve())  # an experiment's model file
-    if out.exists() and not out.is_dir():
-        raise MoelabError(f"--out {out} is a file; give a directory for the run")
-    out.mkdir(parents=True, exist_ok=True)  # config.yaml is written by train(), once the run starts
-    return config, out
-
-
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train; return the final metrics record. Stops early (after saving) on SIGINT/SIGTERM."""
-    tc, dc = config.train, config.data
+    """Train; return the final metrics record. Stops early (after saving) on SIGINT/SIGTERM.
+
+    Rank 0 locks the run directory (runlock.py) once the checks that need no directory have passed,
+    creating it then, and holds the lock until it returns; a run that fails before it starts leaves no
+    directory it made."""
+    lock = RunLock(run_dir)
+    try:
+        return _train(config, Path(run_dir), resume, progress, lock)
+    except BaseException:
+        lock.release(discard=(MODEL_FILE,))
+        raise
+    finally:
+        lock.release()
+
+
+def _train(config: Config, run_dir: Path, resume: bool, progress: bool, lock: RunLock) -> dict:
+    tc, dc, mc = config.train, config.data, config.model
+    if dc.seq_len > mc.max_seq_len:
+        raise MoelabError(
+            f"data.seq_len={dc.seq_len} is longer than model.max_seq_len={mc.max_seq_len} (the positions "
+            f"the model has); lower data.seq_len or raise model.max_seq_len"
+        )
     d = init_distributed(config)  # Dist() (nothing to reduce) without torchrun
     device = resolve_device(tc)
     torch.manual_seed(tc.seed)
@@ -143,6 +142,14 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     loader = PackedLoader(train_data, dc.seq_len, per_rank, tc.seed, rank=d.rank, world_size=d.world_size)
     val_loader = make_val_loader(config, train_data.metadata["splits"])
 
+    origin = None  # the experiment file config.yaml names (None: a built-in architecture)
+    if d.is_main:  # the ranks of one job share the directory: rank 0 alone locks it
+        lock.acquire()
+        if not resume and latest_checkpoint(run_dir) is not None:  # written since prepare_run looked
+            raise MoelabError(
+                f"{run_dir} already holds checkpoints; pass --resume to continue or --out NEW_DIR"
+            )
+        config, origin = run_model_file(config, run_dir, resume)
     model = build(config).to(device)
     step, tokens_seen, nonfinite_streak = 0, 0, 0
     state = None
@@ -162,13 +169,30 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             raise MoelabError(
                 f"{ckpt}: optimizer state does not fit this config ({e}); keep train.no_decay"
             ) from None
+        if tc.steps < state["step"]:
+            raise MoelabError(
+                f"--resume: train.steps={tc.steps} is below step {state['step']}, which {ckpt} has "
+                f"reached; give train.steps >= {state['step']}"
+            )
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         nonfinite_streak = state.get("nonfinite_streak", 0)
         log.info("resumed from %s at step %d", ckpt, step)
+    # validation after the resumed checkpoint, when a kill came between the two (the final one included)
+    val_due = (
+        resume
+        and val_loader is not None
+        and (step == tc.steps or (tc.eval_every and step % tc.eval_every == 0))
+    )
+    val_due = val_due and not logged_val(run_dir / "metrics.jsonl", step)
     if d.is_main:  # only now: a resume with bad overrides changes nothing
-        save_config(config, run_dir / "config.yaml")
+        saved = (
+            config
+            if origin is None
+            else dataclasses.replace(config, model=dataclasses.replace(config.model, arch=origin))
+        )
+        save_config(saved, run_dir / "config.yaml")
     loggers = Loggers(run_dir, config, resume_step=step if resume else None) if d.is_main else _Silent()
     counts = model.count_parameters()
     peak = next(
@@ -207,10 +231,21 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     expert_group = d.ep_group if d.ep > 1 else False
     record: dict = {}
     window_counts = None  # (L, E) counts summed on device since the previous logged line
+
+    def validate() -> None:
+        # every rank evaluates the same batches (expert parallelism needs all of them); rank 0 logs
+        val = evaluate(model, val_loader, tc.eval_batches, device, autocast_for(tc, device))
+        model.train()
+        loggers.log({"type": "val", "step": step, **val})
+        if d.is_main:
+            bar.write(f"step {step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.1f})")
+
     model.train()
     with contextlib.ExitStack() as cleanup, _SignalGuard() as stop:
         cleanup.callback(loggers.close)
         cleanup.callback(bar.close)
+        if val_due:
+            validate()
         while step < tc.steps:
             t0 = time.perf_counter()
             lr = lr_at(step, tc)
@@ -342,24 +377,12 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             periodic = tc.save_every and step % tc.save_every == 0 and nonfinite_streak == 0
             if periodic or last_step or stopping:
                 path = checkpoint(step)
-                if stopping:
+                if stopping:  # the caller says where it saved and how to resume (cli.cmd_train)
                     stop.signal_name = stop.signal_name or "SIGTERM"  # signalled on another rank
-                    log.warning(
-                        "%s received: saved %s. Resume with: moelab train %s --out %s --resume",
-                        stop.signal_name,
-                        path,
-                        run_dir / "config.yaml",
-                        run_dir,
-                    )
                     return {"stopped": stop.signal_name, "step": step, "checkpoint": str(path)}
             # validation after the checkpoint, so a failing evaluation never costs the saved state
             if val_loader is not None and ((tc.eval_every and step % tc.eval_every == 0) or last_step):
-                # every rank evaluates the same batches (expert parallelism needs all of them); rank 0 logs
-                val = evaluate(model, val_loader, tc.eval_batches, device, autocast_for(tc, device))
-                model.train()
-                loggers.log({"type": "val", "step": step, **val})
-                if d.is_main:
-                    bar.write(f"step {step}: val loss {val['loss']:.4f} (ppl {val['perplexity']:.1f})")
+                validate()
     return record
 
 

@@ -39,7 +39,7 @@ from moelab.interp.report.cards import (
     TOP_TOKENS,
     expert_top_tokens,
 )
-from moelab.interp.report.html import SECTIONS, render_html
+from moelab.interp.report.html import REPORT_SIGNATURE, SECTIONS, render_html
 from moelab.interp.report.plots import DPI
 from moelab.interp.report.runs import (
     CONTEXTUAL_TRACE,
@@ -52,8 +52,9 @@ from moelab.interp.report.runs import (
     headline,
     load_run,
     read_metrics,
+    refuse_non_run,
 )
-from moelab.io import atomic_file
+from moelab.io import atomic_file, refuse_foreign_file
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ __all__ = [
 ]
 
 
-def build_report(run_dirs, out: str | Path | None = None, traces=None, min_count: int = MIN_COUNT) -> Path:
+def build_report(
+    run_dirs, out: str | Path | None = None, traces=None, min_count: int = MIN_COUNT, progress: bool = True
+) -> Path:
     """Write the HTML report of one or several runs and return its path.
 
     run_dirs: one run directory or a list (several get a side-by-side comparison). out: the HTML file
@@ -100,6 +103,7 @@ def build_report(run_dirs, out: str | Path | None = None, traces=None, min_count
             raise MoelabError(
                 f"run directory {path} does not exist; pass a directory written by moelab train"
             )
+        refuse_non_run(path)
     traces = [] if traces is None else [traces] if isinstance(traces, str | Path) else list(traces)
     if traces and len(traces) != len(paths):
         raise MoelabError(
@@ -112,8 +116,10 @@ def build_report(run_dirs, out: str | Path | None = None, traces=None, min_count
     out = Path(out) if out is not None else paths[0] / "report.html"
     if out.is_dir():
         raise MoelabError(f"--out {out} is a directory; give a file such as {out / 'report.html'}")
+    refuse_foreign_file(out, REPORT_SIGNATURE, "moelab report")
     t0 = time.perf_counter()
-    runs = [load_run(p, name, t, min_count) for p, name, t in zip(paths, _run_names(paths), per_run)]
+    names = _run_names(paths)
+    runs = [load_run(p, name, t, min_count, progress) for p, name, t in zip(paths, names, per_run)]
     page = render_html(runs)
     with atomic_file(out, encoding="utf-8") as fh:
         fh.write(page)
@@ -123,5 +129,7 @@ def build_report(run_dirs, out: str | Path | None = None, traces=None, min_count
 
 def cmd_report(args) -> None:
     """`moelab report RUN_DIR [RUN_DIR ...] [--out FILE.html] [--trace DIR ...]`."""
-    out = build_report(args.runs, out=args.out, traces=args.trace or None)
+    from moelab.cli import show_progress
+
+    out = build_report(args.runs, out=args.out, traces=args.trace or None, progress=show_progress(args))
     print(f"wrote {out}")

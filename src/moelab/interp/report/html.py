@@ -211,13 +211,27 @@ def _balance(run: Run) -> str:
         last = val[-1]["max_vio_global"]
         headers = ["", *(f"layer {i}" for i in range(len(last))), "mean"]
         row = ["MaxVio_global", *(_num(v) for v in last), _num(_mean(last))]
-        out.append(
-            f"<h4>Final MaxVio_global (validation at step {val[-1]['step']}, counts over the whole set)</h4>"
-        )
+        out.append(f"<h4>Final MaxVio_global (validation at step {val[-1]['step']})</h4>")
+        out.append(_note(_validation_scope(run, val[-1])))
         out.append(_table(headers, [row], cls="compact"))
     else:
         out.append(_note("no validation line with <code>max_vio_global</code> yet"))
     return "".join(out)
+
+
+def _validation_scope(run: Run, record: dict) -> str:
+    """What a validation line's counts cover: the trainer evaluates `train.eval_batches` batches, which
+    is usually a sample of the split, so its MaxVio_global differs from `moelab eval` on the whole split."""
+    tokens = record.get("tokens")
+    over = f"the {_num(tokens, ',')} tokens" if isinstance(tokens, int) else "the tokens"
+    batches = run.cfg("train.eval_batches", None)
+    if batches == 0:
+        return f"Counts over {over} of the whole validation split (<code>train.eval_batches: 0</code>)."
+    what = "the batches" if batches is None else f"<code>train.eval_batches: {_esc(batches)}</code> batches"
+    return (
+        f"Counts over {over} of {what} of the validation split, not the whole split; "
+        "<code>moelab eval RUN --data DIR</code> counts the whole split."
+    )
 
 
 _PCT_NAMES = {0: "min", 50: "median", 100: "max"}
@@ -507,6 +521,9 @@ footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
 """
 
 
+REPORT_SIGNATURE = "moelab report"  # in every report's head: `moelab report` replaces only its own files
+
+
 def render_html(runs: list[Run]) -> str:
     """The whole page for loaded runs: per-run subsections under each heading, then the comparison."""
     import moelab
@@ -532,6 +549,7 @@ def render_html(runs: list[Run]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="generator" content="{REPORT_SIGNATURE}">'
         f'<title>{title}</title><link rel="icon" href="data:,"><style>{_CSS}{_STRUCTURE_CSS}</style></head>'
         f"<body><main><h1>{title}</h1><nav>{nav}</nav>{body}<footer>{footer}</footer></main></body></html>\n"
     )

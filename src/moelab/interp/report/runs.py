@@ -193,16 +193,18 @@ def _read_config(run: Run) -> None:
 
 
 def _read_tokenizer(run: Run) -> None:
+    """The tokenizer of the run's newest complete checkpoint (the one every command uses)."""
+    from moelab.checkpoint import run_checkpoints
     from moelab.data.tokenizer import load_tokenizer
 
-    pointer = run.path / "checkpoints" / "latest"
-    if not pointer.is_file():
+    found = run_checkpoints(run.path)
+    if not found:
         run.notes["tokenizer"] = (
-            f"no checkpoint in {_code(run.path)} (checkpoints/latest is missing), so tokens are shown as "
+            f"no complete checkpoint in {_code(run.path / 'checkpoints')}, so tokens are shown as "
             f"ids; {_code('moelab train')} saves the tokenizer with every checkpoint"
         )
         return
-    run.checkpoint = run.path / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
+    run.checkpoint = found[-1]
     try:
         run.checkpoint_step = int(run.checkpoint.name.rsplit("-", 1)[-1])
     except ValueError:
@@ -275,13 +277,37 @@ def _check_trace(run: Run, trace, what: str) -> None:
         )
 
 
+def refuse_non_run(path: Path) -> None:
+    """Refuse a directory that another moelab command wrote (a report of it would be all dashes and its
+    notes would suggest writing a run into it)."""
+    if (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
+        return
+    if (path / "model.safetensors").is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else "RUN_DIR"
+        raise MoelabError(f"{path} is a checkpoint, not a run directory; pass its run: moelab report {run}")
+    if (path / "meta.json").is_file():
+        raise MoelabError(
+            f"{path} is a routing trace, not a run directory; pass the run it was traced from: "
+            f"moelab report RUN_DIR --trace {path}"
+        )
+    if (path / "metadata.json").is_file():
+        raise MoelabError(
+            f"{path} is a data directory (metadata.json), not a run directory; train on it with "
+            f"`moelab train CONFIG --set data.path={path} --out runs/NAME`, then `moelab report runs/NAME`"
+        )
+    if (path / "tokenizer.json").is_file():
+        raise MoelabError(f"{path} is a tokenizer directory, not a run directory; pass a run's directory")
+
+
 def _run_names(paths: list[Path]) -> list[str]:
     """Directory names, with the parent's name where two runs share one."""
     names = [p.resolve().name for p in paths]
     return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
-def load_run(path: str | Path, name: str, traces: list[Path] = (), min_count: int = MIN_COUNT) -> Run:
+def load_run(
+    path: str | Path, name: str, traces: list[Path] = (), min_count: int = MIN_COUNT, progress: bool = True
+) -> Run:
     """Read a run directory and analyse its traces (the slow part: seconds per million tokens)."""
     from moelab.interp.metrics import analyze, contextual
 
@@ -308,7 +334,7 @@ def load_run(path: str | Path, name: str, traces: list[Path] = (), min_count: in
         _check_trace(run, run.trace, "data")
         t0 = time.perf_counter()
         run.analysis = analyze(
-            run.trace, min_count=min_count, nulls=REPORT_NULLS, progress=sys.stderr.isatty()
+            run.trace, min_count=min_count, nulls=REPORT_NULLS, progress=progress and sys.stderr.isatty()
         )
         run.cards = _expert_cards(run.trace, run.analysis, min_count)
         log.info(
