@@ -167,6 +167,10 @@ def test_analyze_a_run_directory_suggests_a_trace_that_would_be_accepted(tmp_pat
     assert main(["analyze", str(run)]) == 2
     line = error_line(capsys)
     assert f"--out {run}`" not in line and f"--out {run / 'trace'}" in line and "--saturation" in line
+    (run / "trace").mkdir()
+    (run / "trace" / "meta.json").write_text("{}")  # the run has a trace: that is what to analyze
+    assert main(["analyze", str(run)]) == 2
+    assert f"its trace is {run / 'trace'}: analyze that" in error_line(capsys)
 
 
 def test_analyze_a_file_says_it_is_a_file(tmp_path, capsys):

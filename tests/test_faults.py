@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import test_run_safety as runs
-from helpers import TINY_TRAIN_MODEL, tiny_model_overrides
+from helpers import tiny_model_overrides
+from test_trainer import tiny_overrides
 
 import moelab
 from moelab import io
@@ -87,22 +88,6 @@ elif _fault == "tokenize":  # after the first chunk of tokens is on disk
     tokenize._SplitWriter.add = _slow_write
 """
 
-TRAIN = [
-    *TINY_TRAIN_MODEL,
-    "moe.lflb=true",
-    "moe.lflb_rate=0.01",
-    "data.seq_len=16",
-    "train.batch_size=4",
-    "train.lr=3e-3",
-    "train.min_lr=3e-4",
-    "train.warmup_steps=2",
-    "train.eval_every=0",
-    "train.eval_batches=2",
-    "train.log_every=1",
-    "train.steps=6",
-    "train.save_every=2",
-]
-
 
 @pytest.fixture(scope="module")
 def data(two_domain_data) -> Path:
@@ -111,7 +96,7 @@ def data(two_domain_data) -> Path:
 
 def train_argv(config: Path, run_dir: Path, data: Path, *extra: str) -> list[str]:
     argv = ["train", str(config), "--out", str(run_dir), "--no-progress"]
-    for o in [*TRAIN, f"data.path={data / 'tokens'}", *extra]:
+    for o in [*tiny_overrides(data / "tokens", steps=6, save_every=2), *extra]:
         argv += ["--set", o]
     return argv
 

@@ -133,31 +133,17 @@ def test_lens_rejects_bad_arguments(workspace):
         lens(workspace["ckpt"], workspace["tokens"], top=0, progress=False)
 
 
-HF_COMMON = dict(
-    vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
-HF_CASES = {
-    "olmoe": ("olmoe", dict(intermediate_size=16, num_experts=6)),
-    "qwen2_moe-shared-dense1": (
-        "qwen2_moe",
-        dict(
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=24,
-            num_experts=6,
-            mlp_only_layers=[1],
-        ),
-    ),  # fmt: skip
-}
+HF_CASES = ("olmoe", "qwen2_moe-shared-dense1")  # tests/test_hf_models.py's tiny configs, vocabulary 300
 
 
-@pytest.mark.parametrize("case", list(HF_CASES))
+@pytest.mark.parametrize("case", HF_CASES)
 def test_lens_of_a_transformers_folder_matches_brute_force(case, transformers, two_domain_data, tmp_path):
     """Each routed expert's mean output, recomputed per token from the folder's expert weights with the
     ids the experts module received; a shared expert and a dense layer are not routed experts."""
-    model_type, extra = HF_CASES[case]
-    config = transformers.AutoConfig.for_model(model_type, **HF_COMMON, **extra)
+    from test_hf_models import CASES, COMMON
+
+    model_type, extra, moe_layers = CASES[case]
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, "vocab_size": 300}, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -182,13 +168,14 @@ def test_lens_of_a_transformers_folder_matches_brute_force(case, transformers, t
             model(torch.from_numpy(tokens[start : start + SEQ_LEN])[None], use_cache=False)
     for h in hooks:
         h.remove()
-    assert result["n_layers"] == len(blocks) == (2 if "dense1" in case else 3)
+    assert result["n_layers"] == len(blocks) == len(moe_layers)
+    E, D = config.num_experts, config.hidden_size
     for layer, block in enumerate(blocks):
         gate_up, down = (
             block.experts.gate_up_proj.detach().double(),
             block.experts.down_proj.detach().double(),
         )
-        sums, counts = torch.zeros(6, 32, dtype=torch.float64), [0] * 6
+        sums, counts = torch.zeros(E, D, dtype=torch.float64), [0] * E
         for x, ids in received[layer]:
             for t in range(x.shape[0]):
                 for slot in range(ids.shape[1]):

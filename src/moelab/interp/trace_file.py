@@ -135,6 +135,8 @@ def _not_a_trace(path: Path) -> str:
     if not path.exists():
         return f"trace {path} does not exist; {make.replace('TRACE_DIR', str(path))}"
     if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        if (path / "trace" / "meta.json").is_file():
+            return f"{path} is a run directory, not a trace; its trace is {path / 'trace'}: analyze that"
         return (
             f"{path} is a run directory, not a trace; trace it with `moelab trace {path} --data DATA "
             f"--out {path / 'trace'}` and analyze that, or run `moelab analyze {path} --saturation`"
