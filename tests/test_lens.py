@@ -213,3 +213,39 @@ def test_analyze_json_carries_the_lens(workspace, tmp_path, capsys):
     assert main(["analyze", str(directory), "--lens", str(tmp_path / "other.json")]) == 2
     assert "another model" in capsys.readouterr().err
     assert main(["analyze", str(directory), "--lens", str(tmp_path / "missing.json")]) == 2
+
+
+def test_lens_arithmetic_by_hand():
+    """Two calls of a 3-expert layer with outputs chosen by hand: means, counts, the -1 slot, the norm and
+    the head, computed on paper."""
+    from moelab.interp.lens import ExpertMeans, expert_logits
+
+    layer = torch.nn.Identity()
+    # call 1: token 0 -> experts (0, 2) with outputs (1, 0), (0, 2); token 1 -> (0, -1) with output (3, 0)
+    # call 2: token 0 -> (2, 0) with outputs (0, 4), (1, 2)
+    calls = iter(
+        [
+            (
+                torch.tensor([[0, 2], [0, -1]]),
+                torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 0.0], [0.0, 0.0]]]),
+            ),
+            (torch.tensor([[2, 0]]), torch.tensor([[[0.0, 4.0], [1.0, 2.0]]])),
+        ]
+    )
+    capture = ExpertMeans([layer], 3, lambda _module, _args, _kwargs: next(calls))
+    layer(torch.zeros(1))
+    layer(torch.zeros(1))
+    capture.remove()
+    means = capture.means(0)
+    assert capture.counts[0].tolist() == [3, 0, 2]  # the -1 slot counts for no expert
+    assert means[0].tolist() == [5 / 3, 2 / 3] and means[1] is None and means[2].tolist() == [0.0, 3.0]
+    head = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
+    scale = torch.nn.Linear(2, 2, bias=False)  # a "norm" that doubles the first channel
+    with torch.no_grad():
+        scale.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    # expert 2: norm -> (0, 3); head -> (0, 3, -3)
+    assert expert_logits(scale, head, means[2]).tolist() == [0.0, 3.0, -3.0]
+    # expert 0: norm -> (10/3, 2/3); head -> (10/3, 2/3, 8/3)
+    assert expert_logits(scale, head, means[0]).tolist() == pytest.approx([10 / 3, 2 / 3, 8 / 3])
