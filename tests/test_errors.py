@@ -47,7 +47,7 @@ def ckpt(two_domain_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     """A transformers OLMoE folder (what `convert to-hf` writes)."""
-    from moelab.hf import convert_to_hf
+    from moelab.convert import convert_to_hf
 
     root = tmp_path_factory.mktemp("hf")
     return convert_to_hf(moelab.save_checkpoint(tiny(), root / "ckpt"), root / "hf")
@@ -254,7 +254,7 @@ def test_to_hf_drop_balance_bias_exports_and_counts_changed_routing(
 ):
     from safetensors.torch import load_file
 
-    from moelab.hf import balance_bias_effect
+    from moelab.convert import balance_bias_effect
 
     out = tmp_path / "hf"
     assert main(["convert", "to-hf", str(biased), "--out", str(out), "--drop-balance-bias"]) == 0

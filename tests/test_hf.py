@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 import moelab
 from moelab.cli import main
+from moelab.convert import convert_from_hf, convert_to_hf
 from moelab.errors import MoelabError
-from moelab.hf import convert_from_hf, convert_to_hf, load_hf_olmoe
+from moelab.hf import load_hf_olmoe
 from moelab.moe.losses import load_balance_loss
 
 HF_TINY = dict(

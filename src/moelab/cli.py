@@ -277,14 +277,14 @@ def cmd_params(args) -> None:
 
 
 def cmd_convert_from_hf(args) -> None:
-    from moelab.hf import convert_from_hf
+    from moelab.convert import convert_from_hf
 
     out = convert_from_hf(args.hf_dir, args.out, force=args.force)
     print(f"wrote moelab checkpoint {out}")
 
 
 def cmd_convert_to_hf(args) -> None:
-    from moelab.hf import balance_bias_effect, convert_to_hf
+    from moelab.convert import balance_bias_effect, convert_to_hf
 
     drop = args.drop_balance_bias
     out = convert_to_hf(
@@ -296,7 +296,7 @@ def cmd_convert_to_hf(args) -> None:
 
 
 def format_bias_effect(effect: dict) -> str:
-    """One line about what dropping the balancing bias does to routing (moelab.hf.balance_bias_effect)."""
+    """One line on what dropping the balancing bias does to routing (convert.balance_bias_effect)."""
     if not effect["biased"]:
         return "the balancing bias is zero: nothing was dropped and routing is unchanged"
     n = effect["n_tokens"]
@@ -319,7 +319,7 @@ def cmd_generate(args) -> None:
             raise MoelabError(
                 "--prompt holds bytes that are not UTF-8 text; pass UTF-8 text or token ids (--prompt-ids)"
             ) from None
-    from moelab.hf import refuse_hf_folder
+    from moelab.convert import refuse_hf_folder
 
     refuse_hf_folder(args.checkpoint, "generate")
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -402,7 +402,7 @@ def _launch_torchrun(nproc: int, command: list[str]) -> int:
 
 
 def cmd_eval(args) -> None:
-    from moelab.hf import refuse_hf_folder
+    from moelab.convert import refuse_hf_folder
     from moelab.train.evaluate import evaluate, open_evaluation
 
     require_at_least(

@@ -459,7 +459,7 @@ def cmd_ablate(args) -> None:
     from moelab.checkpoint import CONFIG, resolve_checkpoint
     from moelab.cli import show_progress
     from moelab.config import load_config
-    from moelab.hf import refuse_hf_folder
+    from moelab.convert import refuse_hf_folder
     from moelab.train.evaluate import open_evaluation
 
     require_at_least(
