@@ -507,21 +507,12 @@ def test_a_sigkilled_run_releases_its_directory(tmp_path, tokens_dir):
     cfg = runs.config_file(tmp_path)
     holder = runs.start(runs.train_argv(cfg, run_dir, runs.overrides(tokens_dir, steps=100000)), tmp_path)
     runs.wait_for_steps(run_dir, holder)
-    second = subprocess.run(
-        runs.train_argv(cfg, run_dir, runs.overrides(tokens_dir, steps=1)),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    one_step = runs.train_argv(cfg, run_dir, runs.overrides(tokens_dir, steps=1))
+    second = subprocess.run(one_step, cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 2, second.stderr
     assert f"pid {holder.pid}" in runs.one_error_line(second.stderr)
     holder.kill()  # SIGKILL: no handler runs; the kernel drops the lock with the process
     holder.communicate()
-    third = subprocess.run(
-        runs.train_argv(cfg, run_dir, runs.overrides(tokens_dir, steps=1)),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    third = subprocess.run(one_step, cwd=tmp_path, capture_output=True, text=True)
     assert third.returncode == 0, third.stderr
     assert [c.name for c in list_checkpoints(run_dir)] == ["step-0000001"]
