@@ -11,18 +11,24 @@ newest `keep_last` are kept (older ones are renamed to a hidden temporary, then 
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moelab.checkpoint import CONFIG, WEIGHTS, copy_tokenizer, load_weights, run_checkpoints, write_model
+from moelab.checkpoint import (
+    CONFIG,
+    STEP_DIR,
+    WEIGHTS,
+    copy_tokenizer,
+    load_weights,
+    run_checkpoints,
+    write_model,
+)
 from moelab.errors import MoelabError
 from moelab.io import DiskFullError, atomic_dir, atomic_file, disk_full, remove_tree, tree_size
 
 STATE = "train_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
 def rng_state() -> dict:
@@ -86,7 +92,7 @@ def _prunable(run_dir: Path, step: int, keep_last: int) -> list[Path]:
     complete = list_checkpoints(run_dir)
     old = complete[:-keep_last] if keep_last > 0 else []
     for path in (run_dir / "checkpoints").iterdir():
-        m = _STEP_DIR.match(path.name)
+        m = STEP_DIR.match(path.name)
         if m and int(m.group(1)) < step and path.is_dir() and path not in complete:
             old.append(path)
     return old
