@@ -76,6 +76,12 @@ def save_checkpoint(
     return out
 
 
+def checkpoint_step(ckpt: str | Path) -> int | None:
+    """The training step a checkpoint directory is named for (step-N), None for any other name."""
+    m = re.fullmatch(r"step-(\d+)", Path(ckpt).name)
+    return int(m.group(1)) if m else None
+
+
 def run_checkpoints(run_dir: str | Path, needs: tuple[str, ...] = (WEIGHTS, CONFIG)) -> list[Path]:
     """A run's complete step checkpoints (each holding every file in `needs`), oldest first.
 

@@ -31,10 +31,11 @@ def step(title: str, done: bool, *commands: list[str]) -> None:
 
 
 def finished(run: Path, steps: int) -> bool:
+    from moelab.checkpoint import checkpoint_step
     from moelab.train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run)
-    return ckpt is not None and int(ckpt.name.split("-")[1]) >= steps
+    return ckpt is not None and checkpoint_step(ckpt) >= steps
 
 
 def has_checkpoint(run: Path) -> bool:

@@ -124,7 +124,8 @@ class HFMoE:
         self.model, self.config, self.path = model, model.config, path
         self.model_type: str = self.config.model_type
         self.layer_indices = moe_layer_indices(self.config)
-        self._routers = [block.gate for block in _sparse_blocks(model)]
+        self.blocks = _sparse_blocks(model)  # each holds `gate` (the router) and `experts`
+        self._routers = [block.gate for block in self.blocks]
         if len(self._routers) != len(self.layer_indices):
             raise MoelabError(
                 f"{path}: found {len(self._routers)} sparse MoE blocks but the config describes "
@@ -136,6 +137,17 @@ class HFMoE:
         self.top_k = int(self.config.num_experts_per_tok)
         self.vocab_size = int(self.config.vocab_size)
         self.normalize = renormalizes(self.config)
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the model supports (config.max_position_embeddings; 2048 when it gives none)."""
+        return int(getattr(self.config, "max_position_embeddings", 2048) or 2048)
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """The folder's tokenizer.json, when it has one."""
+        tok = Path(self.path) / "tokenizer.json" if self.path is not None else None
+        return tok if tok is not None and tok.is_file() else None
 
     @property
     def device(self) -> torch.device:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,7 +134,7 @@ class Subject:
 
 
 def _moelab_subject(run: Path, device: torch.device) -> Subject:
-    from moelab.checkpoint import TOKENIZER, load, resolve_checkpoint
+    from moelab.checkpoint import TOKENIZER, checkpoint_step, load, resolve_checkpoint
     from moelab.moe.experts import RoutedExperts
 
     ckpt = resolve_checkpoint(run)
@@ -151,7 +150,6 @@ def _moelab_subject(run: Path, device: torch.device) -> Subject:
         lambda _module, args: (args[0][:, -1:],) if args[0].dim() == 3 else None
     )
     cfg = model.config
-    step = re.fullmatch(r"step-(\d+)", ckpt.name)
     return Subject(
         forward=model,
         experts=[m for m in model.modules() if isinstance(m, RoutedExperts)],
@@ -164,12 +162,12 @@ def _moelab_subject(run: Path, device: torch.device) -> Subject:
         seq_len_limit=cfg.model.max_seq_len,
         tokenizer_path=ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None,
         name=str(ckpt),
-        checkpoint_step=int(step.group(1)) if step else None,
+        checkpoint_step=checkpoint_step(ckpt),
     )
 
 
 def _hf_subject(path: Path, device: torch.device) -> Subject:
-    from moelab.interp.hf_models import _sparse_blocks, load_hf_moe
+    from moelab.interp.hf_models import load_hf_moe
 
     hf = load_hf_moe(path, device=device, dtype=torch.float32)
     model = hf.model
@@ -177,19 +175,17 @@ def _hf_subject(path: Path, device: torch.device) -> Subject:
     head = model.get_output_embeddings()
     if not isinstance(norm, torch.nn.Module) or not isinstance(head, torch.nn.Module):
         raise MoelabError(f"{path}: no final norm (model.norm) or output embeddings; lens cannot read it")
-    max_pos = int(getattr(hf.config, "max_position_embeddings", 2048) or 2048)
-    tok = path / "tokenizer.json"
     return Subject(
         forward=lambda ids: model(ids, use_cache=False, logits_to_keep=1),
-        experts=[block.experts for block in _sparse_blocks(model)],
+        experts=[block.experts for block in hf.blocks],
         per_slot=hf_per_slot(),
         norm=norm,
         head=head,
         n_experts=hf.n_experts,
         vocab_size=hf.vocab_size,
-        seq_len=min(2048, max_pos),
-        seq_len_limit=max_pos,
-        tokenizer_path=tok if tok.is_file() else None,
+        seq_len=min(2048, hf.max_positions),
+        seq_len_limit=hf.max_positions,
+        tokenizer_path=hf.tokenizer_path,
         name=str(path),
         checkpoint_step=None,
     )

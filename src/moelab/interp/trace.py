@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +61,6 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if is_hf_moe_dir(path):
         hf = load_hf_moe(path, device=device)
-        tok = path / "tokenizer.json"
-        max_pos = int(getattr(hf.config, "max_position_embeddings", 2048) or 2048)
         return Router(
             route=lambda ids, mask: hf.route(ids, mask, with_logits=False)[1],
             predict=lambda ids, mask: _argmax_last(*reversed(hf.route(ids, mask, with_logits=True))),
@@ -75,11 +72,11 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
             name=str(path),
             source=f"transformers:{hf.model_type}",
             checkpoint_step=None,
-            tokenizer_path=tok if tok.is_file() else None,
-            seq_len=min(2048, max_pos),
-            seq_len_limit=max_pos,
+            tokenizer_path=hf.tokenizer_path,
+            seq_len=min(2048, hf.max_positions),
+            seq_len_limit=hf.max_positions,
         )
-    from moelab.checkpoint import TOKENIZER, load, resolve_checkpoint
+    from moelab.checkpoint import TOKENIZER, checkpoint_step, load, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     model = load(ckpt, device=device)
@@ -106,7 +103,6 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
             full_head[0] = False
         return _argmax_last(out.routing, out.logits)
 
-    step = re.fullmatch(r"step-(\d+)", ckpt.name)
     cfg = model.config
     tok = ckpt / TOKENIZER
     return Router(
@@ -118,7 +114,7 @@ def open_router(path: str | Path, device: str | torch.device | None = None) -> R
         device=device,
         name=str(ckpt),
         source="moelab",
-        checkpoint_step=int(step.group(1)) if step else None,
+        checkpoint_step=checkpoint_step(ckpt),
         tokenizer_path=tok if tok.is_file() else None,
         seq_len=min(cfg.data.seq_len, cfg.model.max_seq_len),
         seq_len_limit=cfg.model.max_seq_len,

@@ -194,7 +194,7 @@ def _read_config(run: Run) -> None:
 
 def _read_tokenizer(run: Run) -> None:
     """The tokenizer of the run's newest complete checkpoint (the one every command uses)."""
-    from moelab.checkpoint import run_checkpoints
+    from moelab.checkpoint import checkpoint_step, run_checkpoints
     from moelab.data.tokenizer import load_tokenizer
 
     found = run_checkpoints(run.path)
@@ -205,10 +205,7 @@ def _read_tokenizer(run: Run) -> None:
         )
         return
     run.checkpoint = found[-1]
-    try:
-        run.checkpoint_step = int(run.checkpoint.name.rsplit("-", 1)[-1])
-    except ValueError:
-        run.checkpoint_step = None
+    run.checkpoint_step = checkpoint_step(run.checkpoint)
     if not (run.checkpoint / "tokenizer.json").is_file():
         run.notes["tokenizer"] = f"{_code(run.checkpoint)} has no tokenizer.json, so tokens are shown as ids"
         return
