@@ -34,16 +34,17 @@ def _step(ckpt: Path) -> int:
 
 def run_data_path(run_dir: Path) -> tuple[str, str]:
     """The tokenized data directory and validation split named in RUN/config.yaml."""
-    import yaml
+    from moelab.config import read_yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise MoelabError(f"no config.yaml in {run_dir}; pass --data DIR (a tokenized split)")
     try:
-        data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
-        first = str(e).splitlines()[0]
-        raise MoelabError(f"{path} is not a readable config ({first}); pass --data DIR") from None
+        data = read_yaml(path).get("data") or {}
+    except MoelabError as e:
+        raise MoelabError(f"{e}; or pass --data DIR") from None
+    if not isinstance(data, dict):
+        raise MoelabError(f"{path}: `data` is not a mapping; pass --data DIR")
     return str(data.get("path", "data/tokens")), str(data.get("val_split", "val"))
 
 
